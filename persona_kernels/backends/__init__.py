@@ -1,0 +1,1 @@
+"""One module per backend of ``masked_ffn``; :mod:`persona_kernels.ops` dispatches among them."""

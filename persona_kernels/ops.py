@@ -1,0 +1,172 @@
+"""``masked_ffn``: the one public entry point of the operation, and its backend dispatcher.
+
+Backends live one per module in :mod:`persona_kernels.backends`; each exposes
+``is_available() -> bool``, ``unavailable_reason() -> str`` and
+``masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)``
+(arguments already validated). The dispatcher picks one by device, or takes ``backend=``
+(or the ``PERSONA_KERNELS_BACKEND`` environment variable), and never falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from .masks import num_words
+from .reference import ACTIVATIONS, masked_ffn_reference
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+_MODULES = {
+    "reference": "persona_kernels.backends.reference_backend",
+    "cpu": "persona_kernels.backends.cpu_backend",
+    "triton": "persona_kernels.backends.triton_backend",
+    "cuda": "persona_kernels.backends.cuda_backend",
+}
+_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+_warned: set[str] = set()
+
+
+def backend_module(name: str) -> ModuleType:
+    """Import and return the module implementing backend ``name``."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return importlib.import_module(_MODULES[name])
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process."""
+    return [name for name in BACKENDS if backend_module(name).is_available()]
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """Choose the backend for tensors on ``device``: ``backend``, else the environment, else the fastest."""
+    requested = backend or os.environ.get("PERSONA_KERNELS_BACKEND") or None
+    if requested is not None:
+        module = backend_module(requested)
+        if not module.is_available():
+            raise RuntimeError(f"backend {requested!r} is not available: {module.unavailable_reason()}")
+        return requested
+    preference = _PREFERENCE.get(device.type, ("reference",))
+    for name in preference:
+        if backend_module(name).is_available():
+            if name != preference[0] and name not in _warned:
+                reason = backend_module(preference[0]).unavailable_reason()
+                warnings.warn(f"persona_kernels: backend {preference[0]!r} unavailable ({reason}); using {name!r}")
+                _warned.add(name)
+            return name
+    return "reference"
+
+
+def check_masked_ffn_args(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down_t: torch.Tensor,
+    persona_ids: torch.Tensor,
+    keep_bits: torch.Tensor,
+    scales: torch.Tensor | None,
+    group_size: int,
+    activation: str,
+    check_ids: bool = True,
+) -> None:
+    """Raise ``ValueError`` naming the first argument that breaks the operation's contract."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, d], got shape {tuple(x.shape)}")
+    T, d = x.shape
+    if gate_up.dim() != 3 or gate_up.shape[1] != 2 or gate_up.shape[2] != d:
+        raise ValueError(f"gate_up must be [d_ff, 2, {d}], got {tuple(gate_up.shape)}")
+    d_ff = gate_up.shape[0]
+    if tuple(down_t.shape) != (d_ff, d):
+        raise ValueError(f"down_t must be [{d_ff}, {d}], got {tuple(down_t.shape)}")
+    if not (x.dtype == gate_up.dtype == down_t.dtype):
+        raise ValueError(f"x, gate_up and down_t must share a dtype, got {x.dtype}, {gate_up.dtype}, {down_t.dtype}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    if not (x.device == gate_up.device == down_t.device == persona_ids.device == keep_bits.device):
+        raise ValueError("x, gate_up, down_t, persona_ids and keep_bits must be on one device")
+    if group_size < 1 or d_ff % group_size != 0:
+        raise ValueError(f"group_size {group_size} does not divide d_ff {d_ff}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if persona_ids.dim() != 1 or persona_ids.shape[0] != T:
+        raise ValueError(f"persona_ids must be [{T}], got {tuple(persona_ids.shape)}")
+    if persona_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"persona_ids must be int32 or int64, got {persona_ids.dtype}")
+    words = num_words(d_ff // group_size)
+    if keep_bits.dim() != 2 or keep_bits.shape[1] != words or keep_bits.dtype != torch.int32:
+        raise ValueError(
+            f"keep_bits must be int32 [P, {words}] for d_ff={d_ff}, G={group_size}, "
+            f"got {keep_bits.dtype} {tuple(keep_bits.shape)}"
+        )
+    n_personas = keep_bits.shape[0]
+    if scales is not None and (tuple(scales.shape) != (n_personas, d_ff) or scales.device != x.device):
+        raise ValueError(f"scales must be [{n_personas}, {d_ff}] on {x.device}, got {tuple(scales.shape)} on {scales.device}")
+    if check_ids and T > 0 and not torch.compiler.is_compiling():
+        lo, hi = int(persona_ids.min()), int(persona_ids.max())
+        if lo < 0 or hi >= n_personas:
+            raise ValueError(f"persona id out of range: ids span [{lo}, {hi}] but keep_bits has {n_personas} rows")
+
+
+@torch.library.custom_op("persona_kernels::masked_ffn", mutates_args=())
+def _masked_ffn_op(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down_t: torch.Tensor,
+    persona_ids: torch.Tensor,
+    keep_bits: torch.Tensor,
+    scales: torch.Tensor | None,
+    group_size: int,
+    activation: str,
+    backend: str,
+) -> torch.Tensor:
+    return backend_module(backend).masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)
+
+
+@_masked_ffn_op.register_fake
+def _masked_ffn_fake(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, backend):
+    return torch.empty_like(x)
+
+
+def masked_ffn(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down_t: torch.Tensor,
+    persona_ids: torch.Tensor,
+    keep_bits: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    *,
+    group_size: int,
+    activation: str = "silu",
+    backend: str | None = None,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """Masked gated FFN over shared packed weights for a batch of mixed personas.
+
+    Semantics: :func:`persona_kernels.reference.masked_ffn_reference`, i.e.
+    ``y[t] = sum_c keep[p(t), c // G] * scale[p(t), c] * act(gate_up[c,0].x[t]) * (gate_up[c,1].x[t]) * down_t[c]``.
+
+    Args:
+        x: ``[T, d]`` tokens (fp32, fp16 or bf16).
+        gate_up: ``[d_ff, 2, d]`` packed gate/up rows, same dtype as ``x``.
+        down_t: ``[d_ff, d]`` transposed down projection, same dtype as ``x``.
+        persona_ids: ``[T]`` int32/int64, each token's row of ``keep_bits``.
+        keep_bits: ``[P, ceil(d_ff / G / 32)]`` int32 group bitmaps (see :mod:`persona_kernels.masks`).
+        scales: optional ``[P, d_ff]`` per-channel scales applied before the down projection.
+        group_size: channels per group ``G`` (divides ``d_ff``).
+        activation: ``"silu"`` or ``"gelu_tanh"``.
+        backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` to choose.
+        check_ids: verify persona ids are in range (synchronises a GPU; callers that validated
+            ids already, or capture CUDA graphs, pass ``False``).
+
+    Returns:
+        ``[T, d]`` output in ``x.dtype``; nothing is modified in place.
+    """
+    check_masked_ffn_args(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, check_ids)
+    name = resolve_backend(x.device, backend)
+    return _masked_ffn_op(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, name)
+
+
+__all__ = ["masked_ffn", "masked_ffn_reference", "available_backends", "resolve_backend", "BACKENDS"]

@@ -1,0 +1,70 @@
+"""The masked gated FFN in plain PyTorch: the specification every backend is tested against.
+
+Semantics (one transformer layer, tokens ``t`` with persona ``p(t)``)::
+
+    h[t, c] = act(gate_up[c, 0] . x[t]) * (gate_up[c, 1] . x[t])            # c in [0, d_ff)
+    y[t]    = sum_c keep[p(t), c // G] * scale[p(t), c] * h[t, c] * down_t[c]
+
+where ``keep`` is the per-persona group bitmap (``keep_bits``) and ``scale`` is 1 where no
+scales are given. The dense persona is simply a row whose bits are all set.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .masks import bits_to_keep
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """Apply the FFN gate activation by name: ``silu`` (Llama family) or ``gelu_tanh`` (Gemma)."""
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def masked_ffn_reference(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down_t: torch.Tensor,
+    persona_ids: torch.Tensor,
+    keep_bits: torch.Tensor,
+    scales: torch.Tensor | None,
+    group_size: int,
+    activation: str,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Masked gated FFN for a batch of tokens of mixed personas.
+
+    Args:
+        x: ``[T, d]`` tokens.
+        gate_up: ``[d_ff, 2, d]`` packed gate (``[:, 0]``) and up (``[:, 1]``) rows.
+        down_t: ``[d_ff, d]`` transposed down projection (row ``c`` is ``W_down[:, c]``).
+        persona_ids: ``[T]`` integer row of ``keep_bits`` for each token.
+        keep_bits: ``[P, ceil(d_ff / G / 32)]`` int32 bitmap of kept channel groups per persona.
+        scales: ``[P, d_ff]`` float per-channel scales, or ``None`` for all ones.
+        group_size: channels per group ``G``.
+        activation: ``"silu"`` or ``"gelu_tanh"``.
+        upcast: compute in float32 (the oracle); ``False`` computes in the input dtype with
+            the intermediate rounded like a stock Hugging Face MLP, to measure rounding noise.
+
+    Returns:
+        ``[T, d]`` in ``x.dtype``.
+    """
+    d_ff = gate_up.shape[0]
+    compute = torch.float32 if upcast else x.dtype
+    xc, wgu, wd = x.to(compute), gate_up.to(compute), down_t.to(compute)
+    gate = xc @ wgu[:, 0].T
+    up = xc @ wgu[:, 1].T
+    hidden = activate(gate, activation) * up  # [T, d_ff]
+    keep = bits_to_keep(keep_bits, d_ff // group_size)  # [P, n_groups] bool
+    channel_mask = keep.repeat_interleave(group_size, dim=1).to(compute)  # [P, d_ff]
+    if scales is not None:
+        channel_mask = channel_mask * scales.to(compute)
+    hidden = hidden * channel_mask[persona_ids.long()]
+    return (hidden @ wd).to(x.dtype)
