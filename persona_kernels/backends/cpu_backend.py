@@ -1,4 +1,8 @@
-"""The ``cpu`` backend: the compiled C++/OpenMP kernel in ``persona_kernels._cpu`` (csrc/)."""
+"""The ``cpu`` backend: the compiled C++/OpenMP kernel in ``persona_kernels._cpu`` (csrc/).
+
+The extension takes raw host pointers (``data_ptr()``) and sizes, so it is independent of the
+torch version; this module makes the tensors contiguous, allocates the output and passes them on.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ except ImportError as error:  # the extension was not built (no compiler at inst
     _cpu = None
     _IMPORT_ERROR = str(error)
 
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
 
 def is_available() -> bool:
     """True when the compiled CPU extension imported."""
@@ -20,18 +26,51 @@ def is_available() -> bool:
 
 def unavailable_reason() -> str:
     """Why the extension is missing, with the fix."""
-    return f"the compiled extension persona_kernels._cpu did not import ({_IMPORT_ERROR}); reinstall with `pip install .` and a C++ compiler"
+    return (
+        f"the compiled extension persona_kernels._cpu did not import ({_IMPORT_ERROR}); "
+        "reinstall with `pip install .` on a machine with a C++17 compiler"
+    )
 
 
-def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation) -> torch.Tensor:
-    """Run the C++ kernel on CPU tensors (made contiguous; ids as int32)."""
-    if x.device.type != "cpu":
-        raise ValueError(f"the cpu backend needs CPU tensors, got {x.device}")
+def masked_ffn(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down_t: torch.Tensor,
+    persona_ids: torch.Tensor,
+    keep_bits: torch.Tensor,
+    scales: torch.Tensor | None,
+    group_size: int,
+    activation: str,
+    *,
+    num_threads: int = 0,
+    isa: str = "auto",
+) -> torch.Tensor:
+    """Run the C++ kernel on CPU tensors (arguments already validated by the dispatcher).
+
+    Semantics: :func:`persona_kernels.reference.masked_ffn_reference`. Returns a new ``[T, d]``
+    tensor in ``x.dtype``. ``num_threads=0`` uses OpenMP's default (all cores); ``isa`` picks the
+    inner loops (``"auto"``, ``"avx2"`` or ``"generic"``), for tests and benchmarks.
+    """
+    if _cpu is None:
+        raise RuntimeError(unavailable_reason())
+    tensors = {"x": x, "gate_up": gate_up, "down_t": down_t, "persona_ids": persona_ids, "keep_bits": keep_bits}
+    if scales is not None:
+        tensors["scales"] = scales
+    for name, tensor in tensors.items():
+        if tensor.device.type != "cpu":
+            raise ValueError(f"the cpu backend needs CPU tensors, got {name} on {tensor.device}")
+    if x.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"the cpu backend supports float32, float16 and bfloat16, got {x.dtype}")
+    x, gate_up, down_t = x.contiguous(), gate_up.contiguous(), down_t.contiguous()
+    ids = persona_ids.to(torch.int32).contiguous()
+    bits = keep_bits.to(torch.int32).contiguous()
+    scales_f32 = None if scales is None else scales.to(torch.float32).contiguous()
     out = torch.empty_like(x)
+    T, d = x.shape
     _cpu.masked_ffn(
-        x.contiguous(), gate_up.contiguous(), down_t.contiguous(),
-        persona_ids.to(torch.int32).contiguous(), keep_bits.contiguous(),
-        None if scales is None else scales.to(torch.float32).contiguous(),
-        out, group_size, activation,
+        x.data_ptr(), gate_up.data_ptr(), down_t.data_ptr(), ids.data_ptr(), bits.data_ptr(),
+        0 if scales_f32 is None else scales_f32.data_ptr(), out.data_ptr(),
+        T, d, gate_up.shape[0], bits.shape[0], group_size, activation, _DTYPE_NAMES[x.dtype],
+        num_threads, isa,
     )
     return out

@@ -1,0 +1,268 @@
+// The CPU kernel's inner loops, written once over 8-wide float vectors (GCC/Clang vector
+// extensions) and compiled once per instruction set: included by masked_ffn_cpu_generic.cpp and
+// by masked_ffn_cpu_avx2.cpp (after `#pragma GCC target("avx2,fma,f16c")`).
+//
+// The including file defines PK_RUN_BLOCKS (the exported function's name) and optionally
+// PK_HAVE_AVX2_INTRINSICS. Everything else has internal linkage, so the two compilations never
+// merge at link time. Include standard headers before this file, never after the target pragma.
+//
+// Per block (<= kBlockChannels consecutive channels kept by the same tile tokens):
+//   1. for each channel, gate and up dot products with every active token (weights loaded and
+//      converted once, reused across a sub-tile of tokens held in registers);
+//   2. hidden = act(gate) * up * scale, into a small [channels, tokens] scratch;
+//   3. acc[token] += sum_c hidden[c, token] * down_t[c], walking d in register-sized chunks so
+//      each chunk of acc is loaded and stored once per block, not once per channel.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_blocks.h"
+#include "cpu_convert.h"
+
+namespace persona_kernels {
+namespace cpu {
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+#define PK_INLINE inline __attribute__((always_inline))
+
+PK_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+PK_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+PK_INLINE v8f splat8(float s) { return v8f{s, s, s, s, s, s, s, s}; }
+
+PK_INLINE float hsum8(v8f v) {
+#ifdef PK_HAVE_AVX2_INTRINSICS
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+#else
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#endif
+}
+
+// Element loaders: 8 (or 1) weights of the storage type, as float.
+template <DType DT> struct Elem;
+
+template <> struct Elem<DType::kFloat32> {
+  using T = float;
+  static PK_INLINE v8f load8(const T* p) { return ::persona_kernels::cpu::load8(p); }
+  static PK_INLINE float load1(const T* p) { return *p; }
+};
+
+template <> struct Elem<DType::kBFloat16> {
+  using T = uint16_t;
+  static PK_INLINE v8f load8(const T* p) {
+    v8h h;
+    std::memcpy(&h, p, sizeof h);
+    return (v8f)(__builtin_convertvector(h, v8u) << 16);
+  }
+  static PK_INLINE float load1(const T* p) { return bf16_to_float(*p); }
+};
+
+template <> struct Elem<DType::kFloat16> {
+  using T = uint16_t;
+  static PK_INLINE v8f load8(const T* p) {
+#ifdef PK_HAVE_AVX2_INTRINSICS
+    return (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    v8f v;
+    for (int i = 0; i < 8; ++i) v[i] = fp16_to_float(p[i]);
+    return v;
+#endif
+  }
+  static PK_INLINE float load1(const T* p) { return fp16_to_float(*p); }
+};
+
+PK_INLINE float activate(float z, Activation activation) {
+  if (activation == Activation::kSilu) return z / (1.0f + std::exp(-z));
+  const float inner = 0.7978845608028654f * (z + 0.044715f * z * z * z);
+  return 0.5f * z * (1.0f + std::tanh(inner));
+}
+
+// gate[t] = g . x[t], up[t] = u . x[t] for NT tokens; U independent chunks per step hide FMA latency.
+template <DType DT, int NT, int U>
+PK_INLINE void gate_up_dots(const typename Elem<DT>::T* g, const typename Elem<DT>::T* u,
+                            const float* const* xs, int64_t d, float* gate, float* up) {
+  v8f acc_g[NT][U], acc_u[NT][U];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int k = 0; k < U; ++k) acc_g[t][k] = acc_u[t][k] = splat8(0.0f);
+  int64_t j = 0;
+  for (; j + 8 * U <= d; j += 8 * U) {
+#pragma GCC unroll 8
+    for (int k = 0; k < U; ++k) {
+      const v8f wg = Elem<DT>::load8(g + j + 8 * k);
+      const v8f wu = Elem<DT>::load8(u + j + 8 * k);
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) {
+        const v8f xv = load8(xs[t] + j + 8 * k);
+        acc_g[t][k] += wg * xv;
+        acc_u[t][k] += wu * xv;
+      }
+    }
+  }
+  for (; j + 8 <= d; j += 8) {
+    const v8f wg = Elem<DT>::load8(g + j);
+    const v8f wu = Elem<DT>::load8(u + j);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const v8f xv = load8(xs[t] + j);
+      acc_g[t][0] += wg * xv;
+      acc_u[t][0] += wu * xv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) {
+#pragma GCC unroll 8
+    for (int k = 1; k < U; ++k) {
+      acc_g[t][0] += acc_g[t][k];
+      acc_u[t][0] += acc_u[t][k];
+    }
+    gate[t] = hsum8(acc_g[t][0]);
+    up[t] = hsum8(acc_u[t][0]);
+  }
+  for (; j < d; ++j) {
+    const float wg = Elem<DT>::load1(g + j);
+    const float wu = Elem<DT>::load1(u + j);
+    for (int t = 0; t < NT; ++t) {
+      gate[t] += wg * xs[t][j];
+      up[t] += wu * xs[t][j];
+    }
+  }
+}
+
+// acc[t][j : j + 8U] += sum_{c < nc} hidden[c * kCpuTokenTile + t] * down[c * d + j : ...] for NT tokens.
+template <DType DT, int NT, int U>
+PK_INLINE void down_chunk(const typename Elem<DT>::T* down, int64_t d, int64_t j, int nc, const float* hidden,
+                          float* const* acc) {
+  v8f a[NT][U];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int k = 0; k < U; ++k) a[t][k] = load8(acc[t] + j + 8 * k);
+  for (int c = 0; c < nc; ++c) {
+    v8f w[U];
+#pragma GCC unroll 8
+    for (int k = 0; k < U; ++k) w[k] = Elem<DT>::load8(down + c * d + j + 8 * k);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const v8f h = splat8(hidden[c * kCpuTokenTile + t]);
+#pragma GCC unroll 8
+      for (int k = 0; k < U; ++k) a[t][k] += h * w[k];
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int k = 0; k < U; ++k) store8(acc[t] + j + 8 * k, a[t][k]);
+}
+
+// acc[t] += sum_{c < nc} hidden[c * kCpuTokenTile + t] * down[c] (rows of length d) for NT tokens.
+template <DType DT, int NT, int U>
+PK_INLINE void down_axpy(const typename Elem<DT>::T* down, int64_t d, int nc, const float* hidden,
+                         float* const* acc) {
+  int64_t j = 0;
+  for (; j + 8 * U <= d; j += 8 * U) down_chunk<DT, NT, U>(down, d, j, nc, hidden, acc);
+  for (; j + 8 <= d; j += 8) down_chunk<DT, NT, 1>(down, d, j, nc, hidden, acc);
+  for (; j < d; ++j) {
+    for (int t = 0; t < NT; ++t) {
+      float s = acc[t][j];
+      for (int c = 0; c < nc; ++c) s += hidden[c * kCpuTokenTile + t] * Elem<DT>::load1(down + c * d + j);
+      acc[t][j] = s;
+    }
+  }
+}
+
+// Register tiling: tokens per sub-tile and chunks per step, chosen so NT * U * 2 accumulators
+// plus temporaries fit in 16 vector registers and at least 4 FMA chains run in parallel.
+template <DType DT, int NT>
+PK_INLINE void gate_up_dots_nt(const typename Elem<DT>::T* g, const typename Elem<DT>::T* u,
+                               const float* const* xs, int64_t d, float* gate, float* up) {
+  gate_up_dots<DT, NT, (NT == 1 ? 4 : NT == 2 ? 2 : 1)>(g, u, xs, d, gate, up);
+}
+
+template <DType DT, int NT>
+PK_INLINE void down_axpy_nt(const typename Elem<DT>::T* down, int64_t d, int nc, const float* hidden,
+                            float* const* acc) {
+  down_axpy<DT, NT, (NT <= 2 ? 4 : NT <= 4 ? 2 : 1)>(down, d, nc, hidden, acc);
+}
+
+constexpr int kDotTokens = 4;   // tokens per gate/up register sub-tile
+constexpr int kAxpyTokens = 8;  // tokens per down register sub-tile
+
+template <DType DT>
+void run_blocks_typed(const TileArgs& args, const Block* blocks, int64_t num_blocks, float* acc, float* hidden) {
+  using T = typename Elem<DT>::T;
+  const int64_t d = args.d;
+  const T* gate_up = static_cast<const T*>(args.gate_up);
+  const T* down_t = static_cast<const T*>(args.down_t);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const Block& block = blocks[b];
+    const int nt = block.num_tokens;
+    const float* xs[kCpuTokenTile];
+    float* accs[kCpuTokenTile];
+    for (int i = 0; i < nt; ++i) {
+      xs[i] = args.x + block.tokens[i] * d;
+      accs[i] = acc + block.tokens[i] * d;
+    }
+    for (int c = 0; c < block.num_channels; ++c) {
+      const int64_t channel = block.c0 + c;
+      const T* g = gate_up + channel * 2 * d;
+      const T* u = g + d;
+      float* gate = hidden + c * kCpuTokenTile;  // holds the gate, then the hidden value
+      float up[kCpuTokenTile];
+      for (int i = 0; i < nt; i += kDotTokens) {
+        switch (nt - i < kDotTokens ? nt - i : kDotTokens) {
+          case 1: gate_up_dots_nt<DT, 1>(g, u, xs + i, d, gate + i, up + i); break;
+          case 2: gate_up_dots_nt<DT, 2>(g, u, xs + i, d, gate + i, up + i); break;
+          case 3: gate_up_dots_nt<DT, 3>(g, u, xs + i, d, gate + i, up + i); break;
+          default: gate_up_dots_nt<DT, 4>(g, u, xs + i, d, gate + i, up + i); break;
+        }
+      }
+      for (int i = 0; i < nt; ++i) {
+        float h = activate(gate[i], args.activation) * up[i];
+        if (args.scales != nullptr) h *= args.scales[args.personas[block.tokens[i]] * args.d_ff + channel];
+        gate[i] = h;
+      }
+    }
+    const T* down = down_t + block.c0 * d;
+    const int nc = block.num_channels;
+    for (int i = 0; i < nt; i += kAxpyTokens) {
+      switch (nt - i < kAxpyTokens ? nt - i : kAxpyTokens) {
+        case 1: down_axpy_nt<DT, 1>(down, d, nc, hidden + i, accs + i); break;
+        case 2: down_axpy_nt<DT, 2>(down, d, nc, hidden + i, accs + i); break;
+        case 3: down_axpy_nt<DT, 3>(down, d, nc, hidden + i, accs + i); break;
+        case 4: down_axpy_nt<DT, 4>(down, d, nc, hidden + i, accs + i); break;
+        case 5: down_axpy_nt<DT, 5>(down, d, nc, hidden + i, accs + i); break;
+        case 6: down_axpy_nt<DT, 6>(down, d, nc, hidden + i, accs + i); break;
+        case 7: down_axpy_nt<DT, 7>(down, d, nc, hidden + i, accs + i); break;
+        default: down_axpy_nt<DT, 8>(down, d, nc, hidden + i, accs + i); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void PK_RUN_BLOCKS(const TileArgs& args, const Block* blocks, int64_t num_blocks, float* acc, float* hidden) {
+  switch (args.dtype) {
+    case DType::kFloat32: run_blocks_typed<DType::kFloat32>(args, blocks, num_blocks, acc, hidden); break;
+    case DType::kFloat16: run_blocks_typed<DType::kFloat16>(args, blocks, num_blocks, acc, hidden); break;
+    case DType::kBFloat16: run_blocks_typed<DType::kBFloat16>(args, blocks, num_blocks, acc, hidden); break;
+  }
+}
+
+}  // namespace cpu
+}  // namespace persona_kernels
