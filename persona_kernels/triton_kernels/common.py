@@ -1,0 +1,50 @@
+"""Device helpers shared by the decode and prefill kernels, and the interpreter switch."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+
+ACT_SILU = 0
+ACT_GELU_TANH = 1
+ACTIVATION_CODES = {"silu": ACT_SILU, "gelu_tanh": ACT_GELU_TANH}
+
+
+def configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
+    """The autotuning list: ``gpu`` on a device, the single ``interpreted`` config under the interpreter.
+
+    One config makes the autotuner skip benchmarking, so interpreted tests stay quick, and the
+    small interpreter blocks exercise the loops and the ragged-edge masks.
+    """
+    return [interpreted] if INTERPRET else gpu
+
+
+@triton.jit
+def activate(z, ACT: tl.constexpr):
+    """``silu(z)`` (ACT 0) or tanh-GELU (ACT 1), in fp32; ``0.5 (1 + tanh(u)) = sigmoid(2u)``."""
+    if ACT == 0:
+        out = z * tl.sigmoid(z)
+    else:
+        out = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+    return out
+
+
+@triton.jit
+def mma(a, b, acc, FP32_DOT: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    ``FP32_DOT`` upcasts both operands and multiplies in exact fp32 (``input_precision="ieee"``):
+    used for fp32 inputs, so results track the fp32 reference, and for bf16 under the
+    interpreter, whose bf16 ``tl.dot`` returns garbage (Triton 3.7.1). Otherwise 16-bit operands
+    go straight to the tensor cores.
+    """
+    if FP32_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
