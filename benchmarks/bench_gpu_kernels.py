@@ -1,0 +1,273 @@
+"""Triton masked FFN vs dense cuBLAS vs the pre-sliced oracle, side by side in one run.
+
+Question: at the Llama-3-8B FFN shape (d 4096, d_ff 14336, bf16), how close do our kernels get
+to the physical limits, and to the per-persona pre-sliced dense copy run through cuBLAS?
+
+Methods, timed per (tokens, personas in the batch, density) with ``triton.testing.do_bench``
+(median, warm-up, L2 flushed between runs, rotating input buffers):
+
+- ``dense``: ``F.linear`` x3 + activation on the unpruned weights (the 1/density yardstick).
+- ``oracle``: each persona's kept channels pre-sliced into small dense weights, ``F.linear`` per
+  persona over its (contiguous) tokens: the best a private pruned copy could do.
+- ``ours``: one :func:`masked_ffn_triton` launch for the mixed batch (path by ``choose_path``),
+  plus the ``decode`` / ``prefill`` paths forced, and ``ours_loop``: one launch per persona.
+- ``prepare``: :meth:`StepMeta.prepare` alone (once per step, shared by all layers).
+
+Each config is also checked against the oracle. Output: ``results.json`` and ``speedup.png`` in
+the output folder, and a markdown table on stdout. Achieved bandwidth counts the union of kept
+weight bytes (the minimum a mixed batch must read) over ``ours``' time; the limit is the
+device's nominal bandwidth and a measured device-to-device copy.
+
+``--smoke`` runs tiny shapes on the CPU through the Triton interpreter (timings meaningless) so
+the script is exercised by CI without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+NOMINAL_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
+
+
+@dataclass
+class Row:
+    tokens: int
+    personas: int
+    density: float
+    union_density: float
+    path: str
+    ms: dict[str, float]
+    kept_gb: float
+    ours_tbps: float
+    ours_tflops: float
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via the Triton interpreter")
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--d-ff", type=int, default=14336)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096, 8192])
+    parser.add_argument("--personas", type=int, nargs="+", default=[1, 4, 32])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--forced-decode-max", type=int, default=1024, help="largest T timed with the decode path forced")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per method")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/out/<time>-bench_gpu_kernels)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.d, args.d_ff, args.group_size = 64, 256, 16
+        args.tokens, args.personas, args.densities = [1, 40], [1, 3], [0.5]
+    if args.out is None:
+        args.out = Path("benchmarks/out") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench_gpu_kernels"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    import torch
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU, or pass --smoke to exercise the script on CPU")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    bench = _make_timer(device, args.rep_ms)
+    weights = _make_weights(args.d, args.d_ff, dtype, device)
+    rows = [
+        row
+        for density in args.densities
+        for personas in args.personas
+        for tokens in args.tokens
+        if personas <= tokens
+        for row in [_bench_config(args, weights, tokens, personas, density, bench)]
+    ]
+    limits = _bandwidth_limits(device, bench)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
+            "torch": torch.__version__, "dtype": str(dtype), "d": args.d, "d_ff": args.d_ff,
+            "group_size": args.group_size, "limits_tbps": limits}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    _plot(rows, args.out / "speedup.png")
+    print(_markdown(rows, meta))
+    print(f"\nwrote {args.out}/results.json and speedup.png")
+
+
+def _make_timer(device, rep_ms: int):
+    """Median milliseconds of ``fn()``: do_bench on a GPU, a few wall-clock runs under the interpreter."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+    def cpu_median(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return cpu_median
+
+
+def _make_weights(d: int, d_ff: int, dtype, device) -> dict:
+    import torch
+
+    from persona_kernels.layout import pack_ffn
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w_gate = (torch.randn(d_ff, d, generator=gen) / d**0.5).to(device, dtype)
+    w_up = (torch.randn(d_ff, d, generator=gen) / d**0.5).to(device, dtype)
+    w_down = (torch.randn(d, d_ff, generator=gen) / d_ff**0.5).to(device, dtype)
+    packed = pack_ffn(w_gate, w_up, w_down, "silu")
+    return {"gate": w_gate, "up": w_up, "down": w_down, "packed": packed}
+
+
+def _bench_config(args, weights: dict, tokens: int, personas: int, density: float, bench) -> Row:
+    import torch
+    import torch.nn.functional as F
+
+    from persona_kernels.backends.triton_backend import choose_path, masked_ffn_triton
+    from persona_kernels.masks import keep_to_bits
+    from persona_kernels.step_meta import StepMeta
+
+    w_gate, w_up, w_down, packed = weights["gate"], weights["up"], weights["down"], weights["packed"]
+    device, dtype, d, d_ff, G = w_gate.device, w_gate.dtype, args.d, args.d_ff, args.group_size
+    n_groups = d_ff // G
+    gen = torch.Generator().manual_seed(tokens * 1000 + personas)
+    keep = torch.zeros(personas, n_groups, dtype=torch.bool)
+    for p in range(personas):
+        keep[p, torch.randperm(n_groups, generator=gen)[: round(density * n_groups)]] = True
+    bits = keep_to_bits(keep).to(device)
+    # Tokens sorted by persona (contiguous segments, the oracle's best case), near-equal segments.
+    ids = (torch.arange(tokens) * personas // tokens).to(device)
+    bounds = [int(b) for b in torch.searchsorted(ids.cpu(), torch.arange(personas + 1))]
+    xs = [torch.randn(tokens, d, generator=gen).to(device, dtype) for _ in range(4)]
+    out = torch.empty_like(xs[0])
+    gu, dn = packed.gate_up, packed.down_t
+
+    channel_keep = keep.repeat_interleave(G, dim=1)
+    sliced = []
+    for p in range(personas):
+        chans = channel_keep[p].nonzero().flatten().to(device)
+        sliced.append((w_gate[chans].contiguous(), w_up[chans].contiguous(), w_down[:, chans].contiguous()))
+
+    def dense(x):
+        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+    def oracle(x):
+        for (wg, wu, wd), lo, hi in zip(sliced, bounds[:-1], bounds[1:]):
+            xp = x[lo:hi]
+            out[lo:hi] = F.linear(F.silu(F.linear(xp, wg)) * F.linear(xp, wu), wd)
+        return out
+
+    meta = StepMeta.make(tokens, n_groups, personas, device).prepare(ids, bits)
+    loop_metas = [
+        StepMeta.make(hi - lo, n_groups, personas, device).prepare(ids[lo:hi], bits)
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+
+    def ours(x, path=None):
+        return masked_ffn_triton(x, gu, dn, ids, bits, group_size=G, meta=meta, out=out, path=path)
+
+    def ours_loop(x):
+        for m, lo, hi in zip(loop_metas, bounds[:-1], bounds[1:]):
+            masked_ffn_triton(x[lo:hi], gu, dn, ids[lo:hi], bits, group_size=G, meta=m, out=out[lo:hi])
+        return out
+
+    want = oracle(xs[0]).float().clone()
+    for path in ("decode", "prefill"):
+        err = (ours(xs[0], path).float() - want).abs().max().item()
+        assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{path} path disagrees with the oracle: {err:.3e}"
+
+    def timed(fn, *extra):
+        """Median ms of ``fn`` on rotating input buffers."""
+        turn = iter(range(1 << 62))
+        return bench(lambda: fn(xs[next(turn) % len(xs)], *extra))
+
+    ms = {"dense": timed(dense), "oracle": timed(oracle), "ours": timed(ours), "ours_loop": timed(ours_loop),
+          "prepare": bench(lambda: meta.prepare(ids, bits))}
+    if tokens <= args.forced_decode_max:
+        ms["ours_decode"] = timed(ours, "decode")
+    ms["ours_prefill"] = timed(ours, "prefill")
+
+    union = keep.any(0).sum().item() / n_groups
+    kept_bytes = union * d_ff * 3 * d * w_gate.element_size()
+    flops = 2 * 3 * d * G * keep.sum(1)[ids.cpu()].sum().item()
+    row = Row(tokens, personas, density, union, choose_path(tokens, personas), ms, kept_bytes / 1e9,
+              kept_bytes / (ms["ours"] * 1e-3) / 1e12, flops / (ms["ours"] * 1e-3) / 1e12)
+    print(f"T={tokens:5d} P={personas:2d} density={density:.2f}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()),
+          flush=True)
+    return row
+
+
+def _bandwidth_limits(device, bench) -> dict[str, float | None]:
+    """Nominal bandwidth of the device (by name) and a measured copy of 1 GiB (read + write)."""
+    import torch
+
+    if device.type != "cuda":
+        return {"nominal": None, "measured_copy": None}
+    name = torch.cuda.get_device_name()
+    nominal = next((v for k, v in NOMINAL_TBPS.items() if k in name), None)
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return {"nominal": nominal, "measured_copy": 2 * src.numel() / (ms * 1e-3) / 1e12}
+
+
+def _markdown(rows: list[Row], meta: dict) -> str:
+    methods = ["dense", "oracle", "ours", "ours_decode", "ours_prefill", "ours_loop", "prepare"]
+    lines = [
+        f"{meta['device']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}; "
+        f"bandwidth limits (TB/s): {meta['limits_tbps']}",
+        "",
+        "| T | P | density | union | path | " + " | ".join(f"{m} ms" for m in methods)
+        + " | dense/ours | oracle/ours | ours TB/s | ours TFLOP/s |",
+        "|" + "---|" * (5 + len(methods) + 4),
+    ]
+    for r in rows:
+        cells = [f"{r.ms[m]:.3f}" if m in r.ms else "-" for m in methods]
+        lines.append(
+            f"| {r.tokens} | {r.personas} | {r.density:.2f} | {r.union_density:.2f} | {r.path} | " + " | ".join(cells)
+            + f" | {r.ms['dense'] / r.ms['ours']:.2f} | {r.ms['oracle'] / r.ms['ours']:.2f}"
+            + f" | {r.ours_tbps:.2f} | {r.ours_tflops:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    """Speed-up over dense vs tokens, one panel per density, a line per (method, personas)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot written")
+        return
+    densities = sorted({r.density for r in rows})
+    fig, axes = plt.subplots(1, len(densities), figsize=(6 * len(densities), 4.5), squeeze=False)
+    for ax, density in zip(axes[0], densities):
+        for method, style in (("oracle", ":"), ("ours", "-"), ("ours_loop", "--")):
+            for personas in sorted({r.personas for r in rows}):
+                sel = [r for r in rows if r.density == density and r.personas == personas]
+                ax.plot([r.tokens for r in sel], [r.ms["dense"] / r.ms[method] for r in sel], style, marker="o",
+                        label=f"{method}, {personas} persona(s)")
+        ax.axhline(1 / density, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="tokens", ylabel="speed-up over dense", title=f"density {density}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
