@@ -52,9 +52,9 @@ CudaStatus check_params(const MaskedFFNParams& p, const MaskedFFNCudaConfig& con
                               " groups per layer, got " + std::to_string(n_groups));
   const size_t needed = plan_workspace(p, path).total;
   if (config.workspace == nullptr || config.workspace_bytes < needed)
-    return invalid(error, "workspace of " + std::to_string(config.workspace_bytes) + " bytes at " +
-                              (config.workspace ? "a valid pointer" : "null") + "; this call needs " +
-                              std::to_string(needed) + " bytes (masked_ffn_cuda_workspace_bytes)");
+    return invalid(error, std::string("workspace is ") +
+                              (config.workspace ? std::to_string(config.workspace_bytes) + " bytes" : "null") +
+                              "; this call needs " + std::to_string(needed) + " bytes (masked_ffn_cuda_workspace_bytes)");
   if ((reinterpret_cast<uintptr_t>(config.workspace) & 255u) != 0) return invalid(error, "workspace must be 256-byte aligned");
   return CudaStatus::kOk;
 }
