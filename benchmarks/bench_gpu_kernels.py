@@ -13,8 +13,10 @@ Methods, timed per (tokens, personas in the batch, density) with ``triton.testin
   plus the ``decode`` / ``prefill`` paths forced, and ``ours_loop``: one launch per persona.
 - ``prepare``: :meth:`StepMeta.prepare` alone (once per step, shared by all layers).
 
-Each config is also checked against the oracle. Output: ``results.json`` and ``speedup.png`` in
-the output folder, and a markdown table on stdout. Achieved bandwidth counts the union of kept
+Each config is also checked against the oracle. Output (folder: ``--out``, else
+``benchmarks.common.default_out_dir``, i.e. ``$OUT`` on the GPU machine): ``results.jsonl`` (one
+line per config, flushed as written, stamped by ``benchmarks.common.environment``),
+``speedup.png``, and a markdown table on stdout. Achieved bandwidth counts the union of kept
 weight bytes (the minimum a mixed batch must read) over ``ours``' time; the limit is the
 device's nominal bandwidth and a measured device-to-device copy.
 
@@ -25,12 +27,12 @@ the script is exercised by CI without a GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 NOMINAL_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
 
@@ -59,13 +61,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--forced-decode-max", type=int, default=1024, help="largest T timed with the decode path forced")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per method")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/out/<time>-bench_gpu_kernels)")
+    parser.add_argument("--budget-s", type=float, default=None, help="stop starting new configs after this many seconds")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks.common.default_out_dir)")
     args = parser.parse_args()
     if args.smoke:
         args.d, args.d_ff, args.group_size = 64, 256, 16
         args.tokens, args.personas, args.densities = [1, 40], [1, 3], [0.5]
-    if args.out is None:
-        args.out = Path("benchmarks/out") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench_gpu_kernels"
     return args
 
 
@@ -75,48 +76,38 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     import torch
 
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.common import Deadline, JsonlWriter, cuda_time, default_out_dir, environment, wall_time
+
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --smoke to exercise the script on CPU")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    bench = _make_timer(device, args.rep_ms)
-    weights = _make_weights(args.d, args.d_ff, dtype, device)
-    rows = [
-        row
-        for density in args.densities
-        for personas in args.personas
-        for tokens in args.tokens
-        if personas <= tokens
-        for row in [_bench_config(args, weights, tokens, personas, density, bench)]
-    ]
-    limits = _bandwidth_limits(device, bench)
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
-            "torch": torch.__version__, "dtype": str(dtype), "d": args.d, "d_ff": args.d_ff,
-            "group_size": args.group_size, "limits_tbps": limits}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    _plot(rows, args.out / "speedup.png")
-    print(_markdown(rows, meta))
-    print(f"\nwrote {args.out}/results.json and speedup.png")
-
-
-def _make_timer(device, rep_ms: int):
-    """Median milliseconds of ``fn()``: do_bench on a GPU, a few wall-clock runs under the interpreter."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-
-    def cpu_median(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median
+        bench = lambda fn: cuda_time(fn, rep_ms=args.rep_ms).median  # noqa: E731
+    else:
+        bench = lambda fn: wall_time(fn, n=3).median  # noqa: E731
+    out_dir = args.out or default_out_dir("bench_gpu_kernels")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deadline = Deadline(args.budget_s)
+    weights = _make_weights(args.d, args.d_ff, dtype, device)
+    limits = _bandwidth_limits(device, bench)
+    meta = {"dtype": str(dtype), "d": args.d, "d_ff": args.d_ff, "group_size": args.group_size, "limits_tbps": limits,
+            "card": environment(device)["card"]}
+    rows = []
+    with JsonlWriter(out_dir / "results.jsonl", device=device) as log:
+        for density in args.densities:
+            for personas in args.personas:
+                for tokens in (t for t in args.tokens if t >= personas):
+                    if deadline.expired():
+                        print(f"budget spent: skipping T={tokens} P={personas} density={density}")
+                        continue
+                    rows.append(_bench_config(args, weights, tokens, personas, density, bench))
+                    log.write({**meta, **asdict(rows[-1])})
+    if rows:
+        _plot(rows, out_dir / "speedup.png")
+        print(_markdown(rows, meta))
+    print(f"\nwrote {out_dir}/results.jsonl and speedup.png")
 
 
 def _make_weights(d: int, d_ff: int, dtype, device) -> dict:
@@ -136,6 +127,7 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     import torch
     import torch.nn.functional as F
 
+    from benchmarks.common import Rotating
     from persona_kernels.backends.triton_backend import choose_path, masked_ffn_triton
     from persona_kernels.masks import keep_to_bits
     from persona_kernels.step_meta import StepMeta
@@ -151,8 +143,8 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     # Tokens sorted by persona (contiguous segments, the oracle's best case), near-equal segments.
     ids = (torch.arange(tokens) * personas // tokens).to(device)
     bounds = [int(b) for b in torch.searchsorted(ids.cpu(), torch.arange(personas + 1))]
-    xs = [torch.randn(tokens, d, generator=gen).to(device, dtype) for _ in range(4)]
-    out = torch.empty_like(xs[0])
+    xs = Rotating(lambda: torch.randn(tokens, d, generator=gen).to(device, dtype), tokens * d * w_gate.element_size(), device)
+    out = torch.empty(tokens, d, dtype=dtype, device=device)
     gu, dn = packed.gate_up, packed.down_t
 
     channel_keep = keep.repeat_interleave(G, dim=1)
@@ -184,15 +176,15 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
             masked_ffn_triton(x[lo:hi], gu, dn, ids[lo:hi], bits, group_size=G, meta=m, out=out[lo:hi])
         return out
 
-    want = oracle(xs[0]).float().clone()
+    x0 = xs.sets[0]
+    want = oracle(x0).float().clone()
     for path in ("decode", "prefill"):
-        err = (ours(xs[0], path).float() - want).abs().max().item()
+        err = (ours(x0, path).float() - want).abs().max().item()
         assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{path} path disagrees with the oracle: {err:.3e}"
 
     def timed(fn, *extra):
         """Median ms of ``fn`` on rotating input buffers."""
-        turn = iter(range(1 << 62))
-        return bench(lambda: fn(xs[next(turn) % len(xs)], *extra))
+        return bench(lambda: fn(xs.next(), *extra))
 
     ms = {"dense": timed(dense), "oracle": timed(oracle), "ours": timed(ours), "ours_loop": timed(ours_loop),
           "prepare": bench(lambda: meta.prepare(ids, bits))}
@@ -227,7 +219,7 @@ def _bandwidth_limits(device, bench) -> dict[str, float | None]:
 def _markdown(rows: list[Row], meta: dict) -> str:
     methods = ["dense", "oracle", "ours", "ours_decode", "ours_prefill", "ours_loop", "prepare"]
     lines = [
-        f"{meta['device']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}; "
+        f"{meta['card']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}; "
         f"bandwidth limits (TB/s): {meta['limits_tbps']}",
         "",
         "| T | P | density | union | path | " + " | ".join(f"{m} ms" for m in methods)
