@@ -63,6 +63,10 @@ def test_kl_by_hand():
     kl, agree = token_kl_top1(p, q)
     assert float(kl[0]) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-5)
     assert float(agree[0]) == 1.0  # argmax of a tie is index 0, same as q's
+    from pruner.chat import kl_divergence  # the pruner's KL: the same measure
+
+    a, b = torch.randn(4, 7, 13), torch.randn(4, 7, 13)
+    torch.testing.assert_close(token_kl_top1(a, b)[0], kl_divergence(a, b).clamp_min(0))
     _, disagree = token_kl_top1(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
     assert float(disagree[0]) == 0.0
 
@@ -302,7 +306,7 @@ def test_evaluate_then_rescore(tiny, tmp_path):
         answers = load_answers(out / "answers" / PERSONA / f"{method}.jsonl")
         assert len(answers) == 6 and {a.split for a in answers} == {"specific", "general", "rolebench"}
         assert all(a.system is None for a in answers if a.split == "general")
-        assert all("caretaker" in a.system for a in answers if a.split != "general")
+        assert all("the caretaker of the hotel" in a.system for a in answers if a.split != "general")
     report = json.loads(paths["json"].read_text())
     dense = report["results"][PERSONA]["dense"]
     assert dense["kl"] == 0.0 and dense["top1"] == 1.0 and dense["general_top1"] == 1.0

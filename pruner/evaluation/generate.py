@@ -70,12 +70,12 @@ def load_items(data_dir: str | Path, persona: str, max_questions: int | None = N
 def persona_system_prompt(record: dict) -> str:
     """System prompt that makes the dense model play a persona record from personas.jsonl.
 
-    Characters are role-played; ``user`` personas (Alpaca-P) are users the assistant tailors its answers to.
+    The pruner's own prompt (:func:`pruner.chat.system_prompt`), so evaluation prompts personas
+    exactly as the masks were learned.
     """
-    name, description = record.get("name", record["id"]), record.get("description", "")
-    if record.get("kind") == "user":
-        return f"You are a helpful assistant. Tailor every answer to this user: {description}"
-    return f"You are {name}. {description} Stay in character and answer as {name} would."
+    from pruner.chat import system_prompt
+
+    return system_prompt(record.get("description") or record.get("name") or record["id"])
 
 
 def chat_prompt_ids(tokenizer, system: str | None, question: str) -> list[int]:
