@@ -195,10 +195,10 @@ def masked_ffn_triton(
     if meta is None:
         meta = StepMeta.make(T, n_groups, keep_bits.shape[0], x.device, block_m=PREFILL_BLOCK_M, prefill=path == "prefill")
         meta.prepare(persona_ids, keep_bits)
-    elif meta.n_tokens != T or meta.n_groups != n_groups or not 0 <= layer < meta.n_layers:
+    elif (meta.n_tokens, meta.n_groups, meta.n_personas) != (T, n_groups, keep_bits.shape[0]) or not 0 <= layer < meta.n_layers:
         raise ValueError(
-            f"meta was prepared for {meta.n_tokens} tokens, {meta.n_groups} groups, {meta.n_layers} layers; "
-            f"call has {T} tokens, {n_groups} groups, layer {layer}"
+            f"meta was prepared for {meta.n_tokens} tokens, {meta.n_groups} groups, {meta.n_personas} personas, "
+            f"{meta.n_layers} layers; call has {T} tokens, {n_groups} groups, {keep_bits.shape[0]} personas, layer {layer}"
         )
     if path == "prefill" and not meta.has_prefill:
         raise ValueError("path 'prefill' needs a StepMeta made with prefill=True")
