@@ -80,6 +80,7 @@ def _build_cache(target: Path) -> None:
         model.save_pretrained(str(temp), safe_serialization=True)
         tokenizer.save_pretrained(str(temp))
         (temp / _COMPLETE_MARKER).write_text(f"{gguf}\n")
+        os.chmod(temp, 0o755)
         try:
             os.replace(temp, target)
         except OSError:
