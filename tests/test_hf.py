@@ -1,0 +1,341 @@
+"""Hugging Face integration: attached models against the original and against exported pruned copies.
+
+Fast tests use tiny random-weight Llama and Gemma3 models; tests marked ``slow`` use the embedded
+default model (SmolLM2-135M-Instruct; the first run converts its GGUF and caches safetensors).
+Deselect them with ``-m "not slow"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+from persona_kernels.bank import MaskBank, MaskBankError, ModelMismatchError, PersonaMask
+from persona_kernels.hf import (
+    attach_bank,
+    current_persona,
+    detach_bank,
+    export_pruned,
+    ffn_activation,
+    generate_as,
+    is_attached,
+    model_ffn_shape,
+    model_fingerprint,
+    persona,
+    set_backend,
+    set_persona,
+)
+from persona_kernels.hf.attach import attachment
+
+G = 16
+ATOL = 2e-5
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )
+    config.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
+
+
+def random_bank(model, n_personas: int = 2, scales: bool = True, permutation: bool = True, seed: int = 1) -> MaskBank:
+    """Personas with random masks of varying density per layer, random scales, and a random permutation."""
+    n_layers, d_ff, _ = model_ffn_shape(model)
+    gen = torch.Generator().manual_seed(seed)
+    personas = []
+    for index in range(n_personas):
+        density = torch.linspace(0.3, 0.8, n_layers)[:, None]
+        keep = torch.rand(n_layers, d_ff // G, generator=gen) < density
+        keep[:, index % (d_ff // G)] = True
+        personas.append(PersonaMask(
+            f"p{index + 1}", keep, description=f"persona {index + 1}", method="random",
+            scales=torch.rand(n_layers, d_ff, generator=gen) + 0.5 if scales else None,
+        ))
+    perm = torch.stack([torch.randperm(d_ff, generator=gen) for _ in range(n_layers)]) if permutation else None
+    return MaskBank("tiny", model_fingerprint(model), n_layers, d_ff, G, personas, permutation=perm)
+
+
+def tokens(batch: int = 2, seq: int = 9, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 96, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids, **kwargs) -> torch.Tensor:
+    return model(input_ids=ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_activation_detected(kind: str) -> None:
+    assert ffn_activation(MODELS[kind]()) == {"llama": "silu", "gemma3": "gelu_tanh"}[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_dense_persona_matches_original(kind: str) -> None:
+    model = MODELS[kind]()
+    ids = tokens()
+    expected = logits(model, ids)
+    attach_bank(model, random_bank(model))
+    assert is_attached(model) and current_persona(model) == [0]
+    torch.testing.assert_close(logits(model, ids), expected, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(logits(model, ids, persona="dense"), expected, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_persona_matches_exported_checkpoint(kind: str, tmp_path: Path) -> None:
+    model = MODELS[kind]()
+    bank = random_bank(model, scales=True, permutation=True)
+    ids = tokens()
+    dense = logits(model, ids)
+    attach_bank(model, bank)
+    out = export_pruned(model, bank, "p1", tmp_path / "p1")
+    exported, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    exported.eval()
+    meta = json.loads((out / "persona_export.json").read_text())
+    kept = bank.get("p1").keep.sum(1) * G
+    assert meta["kept_channels_per_layer"] == kept.tolist()
+    assert exported.config.intermediate_size == int(kept.max()) < model_ffn_shape(model)[1]
+    with persona(model, "p1"):
+        attached = logits(model, ids)
+    assert not torch.allclose(attached, dense, atol=1e-3)  # the persona really differs from dense
+    torch.testing.assert_close(attached, logits(exported, ids), atol=ATOL, rtol=1e-4)
+
+
+def test_export_from_plain_model_pads_and_replaces(tmp_path: Path) -> None:
+    model = tiny_llama()
+    bank = random_bank(model)
+    ids = tokens()
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.txt").write_text("old export")
+    export_pruned(model, bank, 2, out)  # plain model, persona by id, over an existing directory
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp directories left
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    meta = json.loads((out / "persona_export.json").read_text())
+    layer = min(range(len(meta["kept_channels_per_layer"])), key=lambda i: meta["kept_channels_per_layer"][i])
+    pad = meta["zero_padded_channels_per_layer"][layer]
+    assert pad > 0
+    mlp = exported.model.layers[layer].mlp
+    assert torch.all(mlp.gate_proj.weight[-pad:] == 0) and torch.all(mlp.down_proj.weight[:, -pad:] == 0)
+    attach_bank(model, bank)
+    torch.testing.assert_close(logits(model, ids, persona="p2"), logits(exported, ids), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_mixed_personas_per_row_match_rows_alone(kind: str) -> None:
+    model = MODELS[kind]()
+    attach_bank(model, random_bank(model))
+    ids = tokens(batch=3, seq=7)
+    rows = ["p1", None, 2]
+    mixed = logits(model, ids, persona=rows)
+    for b, p in enumerate(rows):
+        torch.testing.assert_close(mixed[b : b + 1], logits(model, ids[b : b + 1], persona=p), atol=ATOL, rtol=1e-4)
+
+
+def test_switching_persona_moves_no_weights() -> None:
+    model = tiny_llama()
+    attach_bank(model, random_bank(model))
+    ids = tokens()
+    logits(model, ids)
+
+    def snapshot():
+        tensors = dict(model.named_parameters())
+        tensors.update(dict(model.named_buffers()))
+        return {name: (t.data_ptr(), t.shape) for name, t in tensors.items()}
+
+    before = snapshot()
+    for spec in ["p1", ["p2", "p1"], 0, None, ["dense", 1]]:
+        set_persona(model, spec)
+        logits(model, ids)
+        with persona(model, "p2"):
+            logits(model, ids)
+    assert snapshot() == before  # same tensors at the same addresses, none added
+
+
+def test_persona_kwarg_scopes_and_validation() -> None:
+    model = tiny_llama()
+    attach_bank(model, random_bank(model))
+    ids = tokens()
+    set_persona(model, "p1")
+    p1 = logits(model, ids)
+    logits(model, ids, persona="p2")
+    assert current_persona(model) == [1]  # a per-call persona is restored after the call
+    torch.testing.assert_close(logits(model, ids), p1)
+    with pytest.raises(MaskBankError, match="not in the bank"):
+        logits(model, ids, persona="nobody")
+    with pytest.raises(MaskBankError, match="out of range"):
+        set_persona(model, 7)
+    assert current_persona(model) == [1]
+    with pytest.raises(ValueError, match="one persona per row"):
+        logits(model, tokens(batch=3), persona=["p1", "p2"])
+    assert current_persona(model) == [1]
+
+
+def test_generate_per_row_personas() -> None:
+    model = tiny_llama()
+    attach_bank(model, random_bank(model))
+    ids = tokens(batch=2, seq=6)
+    kwargs = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    both = model.generate(ids, persona=["p1", "p2"], **kwargs)
+    for b, p in enumerate(["p1", "p2"]):
+        alone = generate_as(model, {"input_ids": ids[b : b + 1], "attention_mask": kwargs["attention_mask"][b : b + 1]},
+                            persona=p, max_new_tokens=5, do_sample=False)
+        assert torch.equal(both[b : b + 1], alone)
+    assert current_persona(model) == [0]
+    # num_return_sequences repeats each row: the persona list covers the expanded rows
+    expanded = model.generate(ids, persona=["p1", "p2"], num_return_sequences=2, num_beams=2, **kwargs)
+    assert expanded.shape[0] == 4
+
+
+def test_detach_restores_plain_model() -> None:
+    model = tiny_llama()
+    ids = tokens()
+    original = {name: t.clone() for name, t in model.state_dict().items()}
+    expected = logits(model, ids)
+    attach_bank(model, random_bank(model, permutation=True))
+    mlp = model.model.layers[0].mlp
+    assert mlp._original.gate_proj.weight.numel() == 0  # unpacked weights freed while attached
+    detach_bank(model)
+    assert not is_attached(model) and "generate" not in model.__dict__
+    restored = model.state_dict()
+    assert restored.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(restored[name], tensor), name
+    torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
+
+
+def test_refuses_bank_of_other_model() -> None:
+    model = tiny_llama(seed=0)
+    bank = random_bank(tiny_llama(seed=5))
+    with pytest.raises(ModelMismatchError, match="fingerprint"):
+        attach_bank(model, bank)
+    assert not is_attached(model) and model.model.layers[0].mlp.gate_proj.weight.numel() > 0
+    deeper = tiny_llama(num_hidden_layers=4)
+    with pytest.raises(ModelMismatchError, match="layers"):
+        attach_bank(deeper, random_bank(model))
+    with pytest.raises(ModelMismatchError):
+        export_pruned(deeper, random_bank(model), "p1", "/nonexistent/never-written")
+
+
+def test_unsupported_models_rejected() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(ValueError, match="gated FFN|decoder layers"):
+        model_ffn_shape(gpt2)
+    with pytest.raises(ValueError, match="activation"):
+        ffn_activation(tiny_llama(hidden_act="gelu"))
+    with pytest.raises(ValueError, match="bias"):
+        model_ffn_shape(tiny_llama(mlp_bias=True))
+
+
+def test_explicit_backend_and_attachment_info() -> None:
+    model = tiny_llama()
+    bank = random_bank(model)
+    attach_bank(model, bank, backend="reference")
+    info = attachment(model)
+    assert info.bank is bank and info.backend == "reference"
+    ids = tokens()
+    ref = logits(model, ids, persona="p1")
+    set_backend(model, None)
+    torch.testing.assert_close(logits(model, ids, persona="p1"), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="already attached"):
+        attach_bank(model, bank)
+
+
+def test_keep_top_groups() -> None:
+    from persona_kernels.heuristic import keep_top_groups
+
+    stats = torch.tensor([[1.0, 1, 5, 5, 0, 0, 3, 3], [0, 0, 0, 0, 9, 9, 1, 1]])
+    keep = keep_top_groups(stats, group_size=2, sparsity=0.5)
+    assert keep.tolist() == [[False, True, False, True], [False, False, True, True]]
+    assert keep_top_groups(stats, 2, 0.99).sum(1).tolist() == [1, 1]  # at least one group per layer
+
+
+def test_cli_inspect(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from persona_kernels.cli import main
+
+    path = tmp_path / "bank.safetensors"
+    random_bank(tiny_llama()).save(path)
+    assert main(["inspect", str(path)]) == 0
+    assert "p1" in capsys.readouterr().out
+    path.write_bytes(path.read_bytes()[:100])
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "Traceback" not in err
+
+
+# ---------------- the real default model (SmolLM2-135M-Instruct) ----------------
+
+
+@pytest.fixture(scope="session")
+def default_model_setup():
+    """The default model attached to a one-persona heuristic bank, plus the original model's logits."""
+    from persona_kernels.heuristic import GENERIC_PROMPTS, build_heuristic_bank
+    from persona_kernels.hf import load_default_model
+
+    model, tokenizer = load_default_model()
+    messages = [{"role": "system", "content": "You are Captain Redbeard, a gruff pirate."},
+                {"role": "user", "content": "Where is the treasure?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        original = model(**inputs).logits
+    bank = build_heuristic_bank(
+        model, tokenizer, [("pirate", "You are Captain Redbeard, a gruff pirate who loves treasure and the sea.")],
+        sparsity=0.25, group_size=64, prompts=GENERIC_PROMPTS[:2],
+    )
+    attach_bank(model, bank)
+    return model, tokenizer, bank, inputs, original
+
+
+@pytest.mark.slow
+def test_default_model_dense_persona_matches_original(default_model_setup) -> None:
+    model, _, _, inputs, original = default_model_setup
+    with torch.no_grad():
+        dense = model(**inputs, persona=None).logits
+    torch.testing.assert_close(dense, original, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_default_model_heuristic_persona_matches_export(default_model_setup, tmp_path: Path) -> None:
+    model, tokenizer, bank, inputs, original = default_model_setup
+    out = export_pruned(model, bank, "pirate", tmp_path / "pirate", tokenizer=tokenizer)
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert exported.config.intermediate_size == 1536 - 1536 // 4
+    with torch.no_grad():
+        attached = model(**inputs, persona="pirate").logits
+        expected = exported(**inputs).logits
+    torch.testing.assert_close(attached, expected, atol=2e-3, rtol=1e-3)
+    assert (attached - original).abs().max() > 1e-2  # the persona is not the dense model
+
+
+@pytest.mark.slow
+def test_default_model_generates_text(default_model_setup) -> None:
+    model, tokenizer, _, inputs, _ = default_model_setup
+    with torch.no_grad():
+        out = model.generate(**inputs, persona="pirate", max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert out.shape[1] > inputs["input_ids"].shape[1] and text.strip()
