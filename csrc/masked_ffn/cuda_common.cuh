@@ -141,6 +141,16 @@ __device__ __forceinline__ int block_exclusive_sum(int value, int* scratch, int*
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// Blocks of `kernel` (launched with `threads` threads, static shared memory only) resident at
+// once on the whole device: the size of a persistent grid that runs in a single wave.
+template <typename Kernel>
+cudaError_t resident_grid(Kernel kernel, int threads, int sm_count, int* blocks) {
+  int per_sm = 0;
+  const cudaError_t code = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+  *blocks = (per_sm > 0 ? per_sm : 1) * sm_count;
+  return code;
+}
+
 // Records a failed CUDA call in *error and returns kCudaError.
 inline CudaStatus cuda_failure(std::string* error, const char* what, cudaError_t code) {
   if (error) *error = std::string("persona_kernels CUDA: ") + what + " failed: " + cudaGetErrorName(code) + ": " + cudaGetErrorString(code);

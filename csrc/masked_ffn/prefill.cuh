@@ -326,19 +326,16 @@ CudaStatus launch_prefill(const MaskedFFNParams& p, const WorkspaceLayout& layou
   const int gate_up_col_tiles = ceil_div(a.d_ff, kBN);
   const int down_col_tiles = ceil_div(a.d, kBN);
   const int64_t capacity = static_cast<int64_t>(layout.tile_capacity);
-  const int gate_up_blocks = static_cast<int>(std::min<int64_t>(capacity * gate_up_col_tiles, 4LL * sm_count));
-  const int down_blocks = static_cast<int>(std::min<int64_t>(capacity * down_col_tiles, 4LL * sm_count));
-  if (vector) {
-    prefill_gate_up_kernel<T, true><<<gate_up_blocks, kPrefillThreads, 0, stream>>>(a, gate_up_col_tiles);
-  } else {
-    prefill_gate_up_kernel<T, false><<<gate_up_blocks, kPrefillThreads, 0, stream>>>(a, gate_up_col_tiles);
-  }
+  const auto gate_up_kernel = vector ? prefill_gate_up_kernel<T, true> : prefill_gate_up_kernel<T, false>;
+  const auto down_kernel = vector ? prefill_down_kernel<T, true> : prefill_down_kernel<T, false>;
+  int gate_up_resident = 0, down_resident = 0;
+  PK_CUDA_TRY(resident_grid(gate_up_kernel, kPrefillThreads, sm_count, &gate_up_resident));
+  PK_CUDA_TRY(resident_grid(down_kernel, kPrefillThreads, sm_count, &down_resident));
+  const int gate_up_blocks = static_cast<int>(std::min<int64_t>(capacity * gate_up_col_tiles, gate_up_resident));
+  const int down_blocks = static_cast<int>(std::min<int64_t>(capacity * down_col_tiles, down_resident));
+  gate_up_kernel<<<gate_up_blocks, kPrefillThreads, 0, stream>>>(a, gate_up_col_tiles);
   PK_CUDA_CHECK_LAUNCH("prefill_gate_up_kernel");
-  if (vector) {
-    prefill_down_kernel<T, true><<<down_blocks, kPrefillThreads, 0, stream>>>(a, down_col_tiles);
-  } else {
-    prefill_down_kernel<T, false><<<down_blocks, kPrefillThreads, 0, stream>>>(a, down_col_tiles);
-  }
+  down_kernel<<<down_blocks, kPrefillThreads, 0, stream>>>(a, down_col_tiles);
   PK_CUDA_CHECK_LAUNCH("prefill_down_kernel");
   return CudaStatus::kOk;
 }
