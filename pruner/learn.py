@@ -1,0 +1,163 @@
+"""Learning a persona's top-k channel-group mask (straight-through) and then its per-channel scales.
+
+Weights stay frozen; only ``scores [L, n_groups]`` (then ``scales [L, d_ff]``) are trained, with
+Adam, on next-token cross-entropy over answer tokens (optionally + KL to the dense model's logits).
+Batches follow a seeded per-epoch permutation that depends only on (seed, step), so a run resumed
+from a checkpoint (scores/scales, optimizer, step, loss curve; written atomically every N steps)
+gives the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .chat import Batch, answer_logits, encode_prefix, make_batch, token_loss
+from .masked_model import channel_multiplier, expand_groups, freeze, ste_mask, topk_keep
+
+
+@dataclass
+class TrainingData:
+    """One persona's tokenized training sequences: a shared prefix, question suffixes and answers."""
+
+    prefix: list[int]
+    questions: list[list[int]]
+    answers: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def batch(self, indices: list[int]) -> Batch:
+        """The padded batch of the given sequences."""
+        return make_batch([self.questions[i] for i in indices], [self.answers[i] for i in indices], self.pad_id)
+
+    def batches(self, size: int) -> list[Batch]:
+        """All sequences in order, in batches of ``size``."""
+        return [self.batch(list(range(s, min(s + size, len(self))))) for s in range(0, len(self), size)]
+
+
+@dataclass
+class LearnResult:
+    """A learned tensor (scores or scales), its loss curve ``[(step, loss)]`` and timing."""
+
+    value: torch.Tensor
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_at: int = 0
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the batch at ``step``: consecutive slices of seeded per-epoch permutations of ``range(n)``."""
+    indices = []
+    position = step * batch_size
+    while len(indices) < min(batch_size, n):
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        take = min(batch_size - len(indices), n - offset)
+        indices += order[offset : offset + take]
+        position += take
+    return indices
+
+
+def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".partial")
+    torch.save(state, temp)
+    temp.replace(path)
+
+
+def _optimize(model, data: TrainingData, parameter: torch.Tensor, multiplier, steps: int, lr: float, kl_weight: float,
+              batch_size: int, seed: int, checkpoint: Path | None, checkpoint_every: int, desc: str, progress: bool,
+              stop_after: int | None) -> LearnResult:
+    """Adam on ``parameter`` for ``steps`` steps of the masked model's answer loss (shared by masks and scales)."""
+    freeze(model)
+    parameter = parameter.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([parameter], lr=lr)
+    start, curve = 0, []
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint)
+        with torch.no_grad():
+            parameter.copy_(state["value"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, curve = state["step"], [tuple(x) for x in state["curve"]]
+    began = time.perf_counter()
+    dense_past = encode_prefix(model, data.prefix) if kl_weight > 0 else None
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, leave=False)
+    for step in range(start, steps):
+        if stop_after is not None and step >= stop_after:
+            break
+        batch = data.batch(batch_indices(len(data), batch_size, step, seed))
+        teacher = None
+        if dense_past is not None:
+            with torch.no_grad():
+                teacher, _ = answer_logits(model, data.prefix, batch, dense_past)
+        with channel_multiplier(model, lambda: multiplier(parameter)):
+            logits, targets = answer_logits(model, data.prefix, batch)
+            loss = token_loss(logits, targets, teacher, kl_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        curve.append((step, float(loss)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        done = step + 1
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
+            _save(checkpoint, {"value": parameter.detach().clone(), "optimizer": optimizer.state_dict(), "step": done, "curve": curve})
+    bar.close()
+    return LearnResult(parameter.detach().clone(), curve, time.perf_counter() - began, start)
+
+
+def learn_mask(model, data: TrainingData, init_scores: torch.Tensor, k: int, group_size: int, *, steps: int, lr: float,
+               batch_size: int, seed: int, ste: str = "identity", kl_weight: float = 0.0, checkpoint: Path | None = None,
+               checkpoint_every: int = 10, progress: bool = True, stop_after: int | None = None) -> tuple[torch.Tensor, LearnResult]:
+    """Learn scores ``[L, n_groups]`` from ``init_scores``; return the final top-``k`` keep mask and the run's result."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+
+    def multiplier(scores: torch.Tensor) -> torch.Tensor:
+        return expand_groups(ste_mask(scores, k, ste), group_size).to(device)
+
+    result = _optimize(model, data, init_scores.float(), multiplier, steps, lr, kl_weight, batch_size, seed, checkpoint,
+                       checkpoint_every, "mask learning", progress, stop_after)
+    return topk_keep(result.value, k), result
+
+
+def learn_scales(model, data: TrainingData, keep: torch.Tensor, group_size: int, *, steps: int, lr: float, batch_size: int,
+                 seed: int, kl_weight: float = 0.0, checkpoint: Path | None = None, checkpoint_every: int = 10,
+                 progress: bool = True, stop_after: int | None = None) -> tuple[torch.Tensor, LearnResult]:
+    """Learn one scale per channel (init 1) with ``keep`` fixed; return scales ``[L, d_ff]`` (1 on dropped channels)."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    channel = expand_groups(keep.float(), group_size)
+
+    def multiplier(scales: torch.Tensor) -> torch.Tensor:
+        return (channel * scales).to(device)
+
+    result = _optimize(model, data, torch.ones_like(channel), multiplier, steps, lr, kl_weight, batch_size, seed + 1,
+                       checkpoint, checkpoint_every, "scale learning", progress, stop_after)
+    scales = torch.where(channel.bool(), result.value, torch.ones_like(result.value))
+    return scales, result
+
+
+@torch.no_grad()
+def mean_loss(model, data: TrainingData, keep: torch.Tensor | None, group_size: int, scales: torch.Tensor | None = None,
+              batch_size: int = 8) -> float:
+    """Mean answer-token cross-entropy of the model masked by ``keep`` (``None``: dense) over all of ``data``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    past = encode_prefix(model, data.prefix) if keep is None else None
+    for batch in data.batches(batch_size):
+        if keep is None:
+            logits, targets = answer_logits(model, data.prefix, batch, past)
+        else:
+            factor = expand_groups(keep.float(), group_size) * (1 if scales is None else scales)
+            with channel_multiplier(model, factor.to(device)):
+                logits, targets = answer_logits(model, data.prefix, batch)
+        total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        count += targets.numel()
+    return total / max(count, 1)
