@@ -326,7 +326,8 @@ def test_evaluate_then_rescore(tiny, tmp_path):
     rescored = rescore(out, fidelity=False)
     again = json.loads(rescored["json"].read_text())
     assert again["results"][PERSONA]["persona"]["rouge_l"] == 1.0
-    assert again["results"][PERSONA]["persona"]["kl"] is None  # fidelity skipped
+    assert again["results"][PERSONA]["persona"]["kl"] == report["results"][PERSONA]["persona"]["kl"]  # kept, not recomputed
+    assert again["meta"]["command"] == "persona-eval --test"
 
 
 def test_hf_judge_scores_from_number_tokens(tiny):

@@ -192,6 +192,8 @@ def score_all(out_dir: Path, personas: Sequence[str], data_dir: str, model=None,
                     per_question[method][a.key]["rouge_l"] = rouge_l_max(a.answer, a.references)
         if model is not None and select is not None and bank is not None:
             _score_fidelity(model, tokenizer, bank, select, answers, methods, per_question, fidelity_rows)
+        else:
+            _carry_fidelity(out_dir / "scores" / f"{persona}.jsonl", per_question)
         if judge is not None:
             record = records.get(persona, {"id": persona, "name": persona, "description": ""})
             for method in methods:
@@ -221,6 +223,21 @@ def score_all(out_dir: Path, personas: Sequence[str], data_dir: str, model=None,
                 for key, row in per_question[method].items():
                     handle.write(json.dumps({"persona": persona, "method": method, "question": key, **row}) + "\n")
     return results, entries
+
+
+FIDELITY_FIELDS = ("kl", "top1", "tokens", "general_kl", "general_top1", "general_tokens")
+
+
+def _carry_fidelity(path: Path, per_question: dict[str, dict[str, dict]]) -> None:
+    """Keep the fidelity measures of an earlier scoring (``scores/<persona>.jsonl``) when not recomputing them."""
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            target = per_question.get(row.get("method"), {}).get(row.get("question"))
+            if target is not None:
+                target.update({k: row[k] for k in FIDELITY_FIELDS if k in row})
 
 
 def _score_fidelity(model, tokenizer, bank, select, answers, methods, per_question, fidelity_rows) -> None:
@@ -319,7 +336,7 @@ def rescore(out_dir: str | Path, judge=None, model=None, tokenizer=None, bank: M
     """Re-score saved answers in ``out_dir`` (no generation) and rewrite the report.
 
     Fidelity needs the base model and the bank (from ``run.json`` unless given); ``fidelity=False``
-    scores text measures only (ROUGE-L, judge).
+    recomputes the text measures only (ROUGE-L, judge) and keeps the saved fidelity scores.
     """
     out_dir = Path(out_dir)
     run = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
@@ -337,7 +354,7 @@ def rescore(out_dir: str | Path, judge=None, model=None, tokenizer=None, bank: M
     elif tokenizer is None and model is None:
         model = tokenizer = None
     settings = EvalSettings(data_dir, run.get("bank_path"), str(out_dir), personas, run.get("max_questions"),
-                            run.get("max_new_tokens", 0), command=command or run.get("command"), notes=run.get("notes") or [])
+                            run.get("max_new_tokens", 0), command=run.get("command") or command, notes=run.get("notes") or [])
     results, entries = score_all(out_dir, personas, data_dir, model if fidelity else None, tokenizer, bank, select, judge)
     meta = _run_meta(settings, model, bank, judge, personas) | {"entries": entries}
     if command:
