@@ -1,0 +1,134 @@
+"""The serving benchmarks' ``--smoke`` mode runs on the CPU and its correctness checks pass.
+
+Runs ``python -m benchmarks.bench_serving all --smoke`` in-process once (tiny 2-layer Llama, CPU;
+about half a minute), then checks what it wrote: the persona switch moved no weight and every
+output after a switch matched the reference; every decode configuration ran and this loop's
+tokens equal ``model.generate``'s; the memory lines add up. Plus the shared helpers of
+``benchmarks/common.py``. Nothing here asserts speed: the benchmarks report it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+pytest.importorskip("transformers")
+
+from benchmarks import common  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """Run the whole serving smoke once; yield ``(exit code, folder)``."""
+    from benchmarks import bench_serving
+
+    threads = torch.get_num_threads()
+    folder = tmp_path_factory.mktemp("serving_smoke")
+    try:
+        code = bench_serving.main(["all", "--smoke", "--out", str(folder)])
+    finally:
+        torch.set_num_threads(threads)
+    return code, folder
+
+
+def test_smoke_exit_code_and_summary(smoke_run):
+    code, folder = smoke_run
+    assert code == 0
+    text = (folder / "summary.md").read_text()
+    assert "FAIL" not in text
+    assert "weight bytes moved by switches" in text
+
+
+def test_switch_moves_no_weights_and_outputs_match_reference(smoke_run):
+    _, folder = smoke_run
+    rows = common.read_jsonl(folder / "switch.jsonl")
+    kinds = {r["kind"] for r in rows}
+    assert {"switch_host", "switch_weights_untouched", "graph_switch_check", "ffn_graph_switch_check",
+            "presliced_load", "reslice_device", "lora_swap"} <= kinds
+    untouched = [r for r in rows if r["kind"] == "switch_weights_untouched"]
+    assert untouched and all(r["param_versions_unchanged"] and r["param_addresses_unchanged"] for r in untouched)
+    assert all(r["weight_bytes_moved"] == 0 for r in rows if r["kind"] == "switch_host")
+    checks = [r for r in rows if r["kind"] in ("graph_switch_check", "ffn_graph_switch_check")]
+    assert len(checks) >= 14 and all(r["ok"] for r in checks)
+    # the check can tell personas apart: switching changes the reference output far beyond the tolerance
+    effects = [r["persona_effect_vs_previous"] for r in checks if r.get("persona_effect_vs_previous") is not None]
+    assert effects and min(effects) > 10 * checks[0]["tolerance"]
+
+
+def test_decode_all_configs_ran_and_loop_matches_generate(smoke_run):
+    _, folder = smoke_run
+    rows = common.read_jsonl(folder / "decode.jsonl")
+    timed = [r for r in rows if "mix" in r and "kind" not in r]
+    assert timed and all(r.get("tokens_per_s", 0) > 0 and not r.get("error") for r in timed)
+    mixes = {r["mix"] for r in timed}
+    assert {"dense_model", "identical", "uniform8", "zipf", "distinct", "dense_id0"} <= mixes
+    assert all(0 < r["union_density"] <= 1 for r in timed)
+    assert all(r["union_density"] == 1 for r in timed if r["mix"] in ("dense_model", "dense_id0"))
+    check = next(r for r in rows if r.get("kind") == "loop_vs_generate")
+    assert check["loop_matches_generate_dense_id0"] and check["loop_matches_generate_uniform8"]
+
+
+def test_memory_lines_add_up(smoke_run):
+    from benchmarks.serving.models import SHAPES
+
+    _, folder = smoke_run
+    rows = common.read_jsonl(folder / "memory.jsonl")
+    shape = SHAPES["tiny"]
+    words = -(-(shape.inter // 16) // 32)
+    for row in rows:
+        if row["approach"] == "keep_bits":
+            assert row["bytes"] == shape.layers * (row["personas"] + 1) * words * 4
+        if row["approach"] == "scales_table":
+            assert row["bytes"] == shape.layers * (row["personas"] + 1) * shape.inter * 4
+        if row["approach"] == "lora_r16":
+            assert row["bytes"] == row["personas"] * shape.layers * 3 * 16 * (shape.hidden + shape.inter) * 2
+
+
+def test_thousand_personas_of_8b_fit_metadata_target():
+    """The memory target, computed for real: 1000 personas of Llama-3-8B at G=16 in < 64 MiB of bitmaps."""
+    from benchmarks.serving.models import SHAPES, make_bank
+
+    bank = make_bank(SHAPES["8b"], 1000, density=0.5, group_size=16, overlap=0.9, seed=0)
+    bits = bank.keep_bits("cpu")
+    assert tuple(bits.shape) == (32, 1001, 28)
+    assert bits.numel() * bits.element_size() < 64 * 2**20
+
+
+def test_correlated_masks_have_exact_density_and_overlap_ordering():
+    from benchmarks.serving.models import correlated_keep
+
+    gen = torch.Generator().manual_seed(0)
+    unions = []
+    for overlap in (0.0, 0.9, 1.0):
+        keep = correlated_keep(8, 2, 128, 0.5, overlap, gen)
+        assert (keep.sum(-1) == 64).all()
+        unions.append(float(keep.any(0).float().mean()))
+    assert unions[0] > unions[1] > unions[2] == 0.5
+
+
+def test_common_helpers(tmp_path):
+    timing = common.summarize([5.0, 1.0, 3.0, 2.0, 4.0], "us")
+    assert (timing.median, timing.p20, timing.p80, timing.n) == (3.0, 2.0, 4.0, 5)
+    assert timing.as_dict("host")["host_median_us"] == 3.0
+    with common.JsonlWriter(tmp_path / "x.jsonl", shared={"card": "test"}) as log:
+        log.write({"a": 1, "t": torch.tensor([1, 2]), "nan": float("nan")})
+    (tmp_path / "x.jsonl").open("a").write('{"truncated": ')
+    assert common.read_jsonl(tmp_path / "x.jsonl") == [{"card": "test", "a": 1, "t": [1, 2], "nan": None}]
+    rotating = common.Rotating(lambda: torch.zeros(4), bytes_per_set=16, device="cpu", min_bytes=100)
+    assert len(rotating) == 7 and rotating.next() is rotating.sets[0] and rotating.next() is rotating.sets[1]
+    assert not common.Deadline(None).expired(1e9) and common.Deadline(-1).expired()
+    assert "a" in common.format_table([{"a": 1.5}], ["a"])
+    assert common.host_time(lambda: None, n=10, warmup=1).n == 10
+
+
+def test_gpu_suite_script_parses():
+    result = subprocess.run(["bash", "-n", str(REPO_ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
