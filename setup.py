@@ -117,7 +117,7 @@ class BuildExt(*_BASES):  # type: ignore[misc]
         if self.compiler.compiler_type == "msvc":
             ext.extra_compile_args = ["/O2", "/std:c++17", "/openmp", "/EHsc"]
             return
-        args = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=fast"]
+        args = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=fast", "-Wno-psabi"]
         link = []
         if self._has_flag("-fopenmp"):
             args.append("-fopenmp")

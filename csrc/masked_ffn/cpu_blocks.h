@@ -34,6 +34,15 @@ struct TileArgs {
   DType dtype;
 };
 
+// Where element j of a token's x or accumulator row is stored. bf16 rows are split into steps of
+// 16 elements stored even elements first, then odd ones, the order in which the kernel widens
+// bf16 weights; the last d % 16 elements, and every element of other dtypes, stay in place.
+inline int64_t stored_index(int64_t j, int64_t d, DType dtype) {
+  if (dtype != DType::kBFloat16 || j >= d / 16 * 16) return j;
+  const int64_t r = j & 15;
+  return (j - r) + (r & 1) * 8 + (r >> 1);
+}
+
 // Accumulates the blocks' contributions into acc ([tile tokens, d] fp32, row stride d).
 // hidden is scratch of kBlockChannels * kCpuTokenTile floats.
 void run_blocks_generic(const TileArgs& args, const Block* blocks, int64_t num_blocks, float* acc, float* hidden);

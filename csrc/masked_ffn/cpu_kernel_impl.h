@@ -51,34 +51,39 @@ PK_INLINE float hsum8(v8f v) {
 #endif
 }
 
-// Element loaders: 8 (or 1) weights of the storage type, as float.
+// Element loaders. One step covers kStep weights, loaded as kVecs float vectors. bf16 steps are
+// 16 weights read as eight 32-bit words: the even elements are `word << 16`, the odd ones
+// `word & 0xffff0000`, two cheap integer ops instead of a widening convert per 8 weights. The
+// x and accumulator rows of a bf16 call are stored in the matching order (see stored_index in cpu_blocks.h).
 template <DType DT> struct Elem;
 
 template <> struct Elem<DType::kFloat32> {
   using T = float;
-  static PK_INLINE v8f load8(const T* p) { return ::persona_kernels::cpu::load8(p); }
+  static constexpr int kVecs = 1;
+  static PK_INLINE void load(const T* p, v8f* w) { w[0] = ::persona_kernels::cpu::load8(p); }
   static PK_INLINE float load1(const T* p) { return *p; }
 };
 
 template <> struct Elem<DType::kBFloat16> {
   using T = uint16_t;
-  static PK_INLINE v8f load8(const T* p) {
-    v8h h;
-    std::memcpy(&h, p, sizeof h);
-    return (v8f)(__builtin_convertvector(h, v8u) << 16);
+  static constexpr int kVecs = 2;
+  static PK_INLINE void load(const T* p, v8f* w) {
+    v8u words;
+    std::memcpy(&words, p, sizeof words);
+    w[0] = (v8f)(words << 16);
+    w[1] = (v8f)(words & 0xffff0000u);
   }
   static PK_INLINE float load1(const T* p) { return bf16_to_float(*p); }
 };
 
 template <> struct Elem<DType::kFloat16> {
   using T = uint16_t;
-  static PK_INLINE v8f load8(const T* p) {
+  static constexpr int kVecs = 1;
+  static PK_INLINE void load(const T* p, v8f* w) {
 #ifdef PK_HAVE_AVX2_INTRINSICS
-    return (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w[0] = (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
-    v8f v;
-    for (int i = 0; i < 8; ++i) v[i] = fp16_to_float(p[i]);
-    return v;
+    for (int i = 0; i < 8; ++i) w[0][i] = fp16_to_float(p[i]);
 #endif
   }
   static PK_INLINE float load1(const T* p) { return fp16_to_float(*p); }
@@ -90,37 +95,47 @@ PK_INLINE float activate(float z, Activation activation) {
   return 0.5f * z * (1.0f + std::tanh(inner));
 }
 
-// gate[t] = g . x[t], up[t] = u . x[t] for NT tokens; U independent chunks per step hide FMA latency.
+// gate[t] = g . x[t], up[t] = u . x[t] for NT tokens; U independent steps hide FMA latency.
 template <DType DT, int NT, int U>
 PK_INLINE void gate_up_dots(const typename Elem<DT>::T* g, const typename Elem<DT>::T* u,
                             const float* const* xs, int64_t d, float* gate, float* up) {
+  constexpr int V = Elem<DT>::kVecs, S = 8 * V;
   v8f acc_g[NT][U], acc_u[NT][U];
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 8
     for (int k = 0; k < U; ++k) acc_g[t][k] = acc_u[t][k] = splat8(0.0f);
+  const int64_t d_vec = d / S * S;
   int64_t j = 0;
-  for (; j + 8 * U <= d; j += 8 * U) {
+  for (; j + S * U <= d_vec; j += S * U) {
 #pragma GCC unroll 8
     for (int k = 0; k < U; ++k) {
-      const v8f wg = Elem<DT>::load8(g + j + 8 * k);
-      const v8f wu = Elem<DT>::load8(u + j + 8 * k);
+      v8f wg[V], wu[V];
+      Elem<DT>::load(g + j + S * k, wg);
+      Elem<DT>::load(u + j + S * k, wu);
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
-        const v8f xv = load8(xs[t] + j + 8 * k);
-        acc_g[t][k] += wg * xv;
-        acc_u[t][k] += wu * xv;
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) {
+          const v8f xv = load8(xs[t] + j + S * k + 8 * v);
+          acc_g[t][k] += wg[v] * xv;
+          acc_u[t][k] += wu[v] * xv;
+        }
       }
     }
   }
-  for (; j + 8 <= d; j += 8) {
-    const v8f wg = Elem<DT>::load8(g + j);
-    const v8f wu = Elem<DT>::load8(u + j);
+  for (; j < d_vec; j += S) {
+    v8f wg[V], wu[V];
+    Elem<DT>::load(g + j, wg);
+    Elem<DT>::load(u + j, wu);
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
-      const v8f xv = load8(xs[t] + j);
-      acc_g[t][0] += wg * xv;
-      acc_u[t][0] += wu * xv;
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        const v8f xv = load8(xs[t] + j + 8 * v);
+        acc_g[t][0] += wg[v] * xv;
+        acc_u[t][0] += wu[v] * xv;
+      }
     }
   }
 #pragma GCC unroll 8
@@ -143,39 +158,42 @@ PK_INLINE void gate_up_dots(const typename Elem<DT>::T* g, const typename Elem<D
   }
 }
 
-// acc[t][j : j + 8U] += sum_{c < nc} hidden[c * kCpuTokenTile + t] * down[c * d + j : ...] for NT tokens.
+// acc[t][j : j + S U] += sum_{c < nc} hidden[c * kCpuTokenTile + t] * down[c * d + j : ...] for NT tokens.
 template <DType DT, int NT, int U>
-PK_INLINE void down_chunk(const typename Elem<DT>::T* down, int64_t d, int64_t j, int nc, const float* hidden,
-                          float* const* acc) {
-  v8f a[NT][U];
+PK_INLINE void down_step(const typename Elem<DT>::T* down, int64_t d, int64_t j, int nc, const float* hidden,
+                         float* const* acc) {
+  constexpr int V = Elem<DT>::kVecs, S = 8 * V;
+  v8f a[NT][U * V];
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 8
-    for (int k = 0; k < U; ++k) a[t][k] = load8(acc[t] + j + 8 * k);
+    for (int k = 0; k < U * V; ++k) a[t][k] = load8(acc[t] + j + 8 * k);
   for (int c = 0; c < nc; ++c) {
-    v8f w[U];
+    v8f w[U * V];
 #pragma GCC unroll 8
-    for (int k = 0; k < U; ++k) w[k] = Elem<DT>::load8(down + c * d + j + 8 * k);
+    for (int k = 0; k < U; ++k) Elem<DT>::load(down + c * d + j + S * k, w + V * k);
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
       const v8f h = splat8(hidden[c * kCpuTokenTile + t]);
 #pragma GCC unroll 8
-      for (int k = 0; k < U; ++k) a[t][k] += h * w[k];
+      for (int k = 0; k < U * V; ++k) a[t][k] += h * w[k];
     }
   }
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 8
-    for (int k = 0; k < U; ++k) store8(acc[t] + j + 8 * k, a[t][k]);
+    for (int k = 0; k < U * V; ++k) store8(acc[t] + j + 8 * k, a[t][k]);
 }
 
 // acc[t] += sum_{c < nc} hidden[c * kCpuTokenTile + t] * down[c] (rows of length d) for NT tokens.
 template <DType DT, int NT, int U>
 PK_INLINE void down_axpy(const typename Elem<DT>::T* down, int64_t d, int nc, const float* hidden,
                          float* const* acc) {
+  constexpr int S = 8 * Elem<DT>::kVecs;
+  const int64_t d_vec = d / S * S;
   int64_t j = 0;
-  for (; j + 8 * U <= d; j += 8 * U) down_chunk<DT, NT, U>(down, d, j, nc, hidden, acc);
-  for (; j + 8 <= d; j += 8) down_chunk<DT, NT, 1>(down, d, j, nc, hidden, acc);
+  for (; j + S * U <= d_vec; j += S * U) down_step<DT, NT, U>(down, d, j, nc, hidden, acc);
+  for (; j < d_vec; j += S) down_step<DT, NT, 1>(down, d, j, nc, hidden, acc);
   for (; j < d; ++j) {
     for (int t = 0; t < NT; ++t) {
       float s = acc[t][j];
@@ -185,8 +203,8 @@ PK_INLINE void down_axpy(const typename Elem<DT>::T* down, int64_t d, int nc, co
   }
 }
 
-// Register tiling: tokens per sub-tile and chunks per step, chosen so NT * U * 2 accumulators
-// plus temporaries fit in 16 vector registers and at least 4 FMA chains run in parallel.
+// Register tiling: tokens per sub-tile and steps per iteration, chosen so the accumulators plus
+// temporaries fit in 16 vector registers and at least 4 FMA chains run in parallel.
 template <DType DT, int NT>
 PK_INLINE void gate_up_dots_nt(const typename Elem<DT>::T* g, const typename Elem<DT>::T* u,
                                const float* const* xs, int64_t d, float* gate, float* up) {
@@ -196,11 +214,13 @@ PK_INLINE void gate_up_dots_nt(const typename Elem<DT>::T* g, const typename Ele
 template <DType DT, int NT>
 PK_INLINE void down_axpy_nt(const typename Elem<DT>::T* down, int64_t d, int nc, const float* hidden,
                             float* const* acc) {
-  down_axpy<DT, NT, (NT <= 2 ? 4 : NT <= 4 ? 2 : 1)>(down, d, nc, hidden, acc);
+  constexpr int V = Elem<DT>::kVecs;
+  down_axpy<DT, NT, (NT * V <= 2 ? 4 / V : NT * V <= 4 ? 2 / V : 1)>(down, d, nc, hidden, acc);
 }
 
-constexpr int kDotTokens = 4;   // tokens per gate/up register sub-tile
-constexpr int kAxpyTokens = 8;  // tokens per down register sub-tile
+constexpr int kDotTokens = 4;  // tokens per gate/up register sub-tile
+template <DType DT>
+constexpr int kAxpyTokens = 8 / Elem<DT>::kVecs;  // tokens per down register sub-tile
 
 template <DType DT>
 void run_blocks_typed(const TileArgs& args, const Block* blocks, int64_t num_blocks, float* acc, float* hidden) {
@@ -239,16 +259,17 @@ void run_blocks_typed(const TileArgs& args, const Block* blocks, int64_t num_blo
     }
     const T* down = down_t + block.c0 * d;
     const int nc = block.num_channels;
-    for (int i = 0; i < nt; i += kAxpyTokens) {
-      switch (nt - i < kAxpyTokens ? nt - i : kAxpyTokens) {
-        case 1: down_axpy_nt<DT, 1>(down, d, nc, hidden + i, accs + i); break;
-        case 2: down_axpy_nt<DT, 2>(down, d, nc, hidden + i, accs + i); break;
-        case 3: down_axpy_nt<DT, 3>(down, d, nc, hidden + i, accs + i); break;
-        case 4: down_axpy_nt<DT, 4>(down, d, nc, hidden + i, accs + i); break;
-        case 5: down_axpy_nt<DT, 5>(down, d, nc, hidden + i, accs + i); break;
-        case 6: down_axpy_nt<DT, 6>(down, d, nc, hidden + i, accs + i); break;
-        case 7: down_axpy_nt<DT, 7>(down, d, nc, hidden + i, accs + i); break;
-        default: down_axpy_nt<DT, 8>(down, d, nc, hidden + i, accs + i); break;
+    constexpr int kTokens = kAxpyTokens<DT>;
+    for (int i = 0; i < nt; i += kTokens) {
+      switch (nt - i < kTokens ? nt - i : kTokens) {
+        case 1: down_axpy_nt<DT, (1 < kTokens ? 1 : kTokens)>(down, d, nc, hidden + i, accs + i); break;
+        case 2: down_axpy_nt<DT, (2 < kTokens ? 2 : kTokens)>(down, d, nc, hidden + i, accs + i); break;
+        case 3: down_axpy_nt<DT, (3 < kTokens ? 3 : kTokens)>(down, d, nc, hidden + i, accs + i); break;
+        case 4: down_axpy_nt<DT, (4 < kTokens ? 4 : kTokens)>(down, d, nc, hidden + i, accs + i); break;
+        case 5: down_axpy_nt<DT, (5 < kTokens ? 5 : kTokens)>(down, d, nc, hidden + i, accs + i); break;
+        case 6: down_axpy_nt<DT, (6 < kTokens ? 6 : kTokens)>(down, d, nc, hidden + i, accs + i); break;
+        case 7: down_axpy_nt<DT, (7 < kTokens ? 7 : kTokens)>(down, d, nc, hidden + i, accs + i); break;
+        default: down_axpy_nt<DT, kTokens>(down, d, nc, hidden + i, accs + i); break;
       }
     }
   }

@@ -89,20 +89,6 @@ void plan_blocks(const MaskedFFNParams& p, const int32_t* personas, int num_toke
   }
 }
 
-// bounds[k]..bounds[k+1] are thread k's blocks, balancing weight bytes plus per-token work.
-void split_blocks(const std::vector<Block>& blocks, int num_threads, std::vector<int64_t>& bounds) {
-  std::vector<double> prefix(blocks.size() + 1, 0.0);
-  for (size_t b = 0; b < blocks.size(); ++b)
-    prefix[b + 1] = prefix[b] + static_cast<double>(blocks[b].num_channels) * (3.0 + blocks[b].num_tokens);
-  bounds.assign(num_threads + 1, 0);
-  for (int k = 1; k < num_threads; ++k) {
-    const double target = prefix.back() * k / num_threads;
-    bounds[k] = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
-    bounds[k] = std::max(bounds[k], bounds[k - 1]);
-  }
-  bounds[num_threads] = static_cast<int64_t>(blocks.size());
-}
-
 }  // namespace
 
 bool cpu_isa_supported(CpuIsa isa) {
@@ -126,7 +112,6 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
   // a [tile, d] accumulator plus the hidden-value scratch.
   thread_local std::vector<float> x_tile, acc, hidden;
   thread_local std::vector<Block> blocks;
-  thread_local std::vector<int64_t> bounds;
   x_tile.resize(tile * d);
   acc.resize(static_cast<size_t>(num_threads) * tile * d);
   hidden.resize(static_cast<size_t>(num_threads) * cpu::kBlockChannels * kCpuTokenTile);
@@ -136,14 +121,18 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
     const int32_t* personas = p.persona_ids + t0;
     plan_blocks(p, personas, nt, blocks);
     const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, blocks.size())));
-    split_blocks(blocks, workers, bounds);
+    // Blocks are dealt out dynamically in chunks (about 8 per thread), so a thread that the OS
+    // preempts, or that drew denser blocks, does not hold the others at the barrier.
+    const int64_t num_blocks = static_cast<int64_t>(blocks.size());
+    const int64_t chunk = std::max<int64_t>(1, num_blocks / (8 * workers));
+    const int64_t num_chunks = (num_blocks + chunk - 1) / chunk;
     for (int i = 0; i < nt; ++i)
-      for (int64_t j = 0; j < d; ++j) x_tile[i * d + j] = load_scalar(p.x, (t0 + i) * p.x_row_stride + j, p.dtype);
+      for (int64_t j = 0; j < d; ++j)
+        x_tile[i * d + cpu::stored_index(j, d, p.dtype)] = load_scalar(p.x, (t0 + i) * p.x_row_stride + j, p.dtype);
     const TileArgs args{p.gate_up, p.down_t, p.scales, x_tile.data(), personas, d, p.d_ff, p.activation, p.dtype};
     float* const acc_base = acc.data();
     float* const hidden_base = hidden.data();
     const Block* const block_base = blocks.data();
-    const int64_t* const bound = bounds.data();
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(workers)
@@ -156,18 +145,23 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
 #endif
       float* my_acc = acc_base + static_cast<int64_t>(k) * nt * d;
       std::memset(my_acc, 0, sizeof(float) * nt * d);
-      run_blocks(args, block_base + bound[k], bound[k + 1] - bound[k], my_acc,
-                 hidden_base + static_cast<int64_t>(k) * cpu::kBlockChannels * kCpuTokenTile);
+      float* const my_hidden = hidden_base + static_cast<int64_t>(k) * cpu::kBlockChannels * kCpuTokenTile;
 #ifdef _OPENMP
-#pragma omp barrier
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for schedule(dynamic, 1) nowait
 #endif
-      for (int i = 0; i < nt; ++i) {
-        for (int64_t j = 0; j < d; ++j) {
-          float sum = 0.0f;
-          for (int w = 0; w < workers; ++w) sum += acc_base[(static_cast<int64_t>(w) * nt + i) * d + j];
-          store_scalar(p.out, (t0 + i) * p.out_row_stride + j, sum, p.dtype);
-        }
+      for (int64_t c = 0; c < num_chunks; ++c) {
+        const int64_t first = c * chunk;
+        run_blocks(args, block_base + first, std::min(chunk, num_blocks - first), my_acc, my_hidden);
+      }
+    }
+    // The calling thread sums the partials: one fork and one join per tile, no inner barrier
+    // (barriers dominate decode latency when cores are shared with other processes).
+    for (int i = 0; i < nt; ++i) {
+      for (int64_t j = 0; j < d; ++j) {
+        const int64_t stored = static_cast<int64_t>(i) * d + cpu::stored_index(j, d, p.dtype);
+        float sum = acc_base[stored];
+        for (int w = 1; w < workers; ++w) sum += acc_base[static_cast<int64_t>(w) * nt * d + stored];
+        store_scalar(p.out, (t0 + i) * p.out_row_stride + j, sum, p.dtype);
       }
     }
   }
