@@ -190,7 +190,7 @@ def test_persona_kwarg_scopes_and_validation() -> None:
     assert current_persona(model) == [1]
     with pytest.raises(ValueError, match="one persona per row"):
         logits(model, tokens(batch=3), persona=["p1", "p2"])
-    assert current_persona(model) == [1]
+    assert current_persona(model) == [1] and attachment(model).saved == []  # failed calls unwind too
 
 
 def test_generate_per_row_personas() -> None:

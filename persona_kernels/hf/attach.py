@@ -40,7 +40,6 @@ from ..layout import PackedFFN, pack_ffn, unpack_ffn
 from ..ops import masked_ffn, resolve_backend
 
 _ATTR = "_persona_kernels_attachment"
-PersonaSpec = "str | int | None | Sequence[str | int | None]"
 
 
 class PersonaState(nn.Module):
