@@ -2,7 +2,7 @@
 
 Usage, from the repository root::
 
-    python -m benchmarks.bench_serving all --smoke            # CPU, tiny shapes, about a minute
+    python -m benchmarks.bench_serving all --smoke [--graph auto|on|off]   # CPU, tiny shapes, about a minute
     python -m benchmarks.bench_serving switch  [--out DIR] [options of benchmarks.serving.switch]
     python -m benchmarks.bench_serving decode  [--out DIR] [--time-budget S] [options of benchmarks.serving.decode]
     python -m benchmarks.bench_serving memory  [--out DIR] [options of benchmarks.serving.memory]
@@ -35,11 +35,12 @@ def run_all(argv: list[str]) -> int:
         out = Path(argv[argv.index("--out") + 1])
     folder = out or default_out_dir("serving")
     base = ["--out", str(folder)] + (["--smoke"] if smoke else [])
+    graph = ["--graph", argv[argv.index("--graph") + 1]] if "--graph" in argv else []
     codes = {}
     for name in ("memory", "switch", "decode"):
         print(f"\n######## serving/{name}", flush=True)
         try:
-            codes[name] = COMMANDS[name](base)
+            codes[name] = COMMANDS[name](base + (graph if name != "memory" else []))
         except Exception as error:  # noqa: BLE001 - report and go on with the next question
             print(f"serving/{name} failed: {type(error).__name__}: {error}", file=sys.stderr)
             codes[name] = 2

@@ -304,6 +304,27 @@ def device_sync(device: torch.device | str) -> Callable[[], None]:
     return lambda: None
 
 
+def capture_graph(fn: Callable[[], Any], warmup: int = 2) -> "torch.cuda.CUDAGraph":
+    """Warm ``fn`` up on a side stream (JIT compiles, autotuning and library workspaces happen
+    here), then capture one call of it as a CUDA graph; ``graph.replay()`` reruns it with no host work.
+
+    Capture records without executing, so ``fn``'s effects happen only at replays. ``fn`` must not
+    synchronise (no ``.item()``, no host copies of device data) and must keep its buffers in place.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
 class Rotating:
     """Cycle through copies of an input set so that their total size exceeds the L2 cache.
 
@@ -468,6 +489,7 @@ def record_timing(record: dict[str, Any], prefix: str, timing: Timing) -> dict[s
 
 __all__ = [
     "Deadline",
+    "capture_graph",
     "JsonlWriter",
     "REPO_ROOT",
     "Rotating",

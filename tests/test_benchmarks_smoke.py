@@ -25,15 +25,35 @@ pytest.importorskip("transformers")
 from benchmarks import common  # noqa: E402
 
 
+class FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: ``replay()`` reruns the captured callable."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+def fake_capture_graph(fn, warmup: int = 2) -> FakeGraph:
+    """Like :func:`benchmarks.common.capture_graph`: warm-up calls run, the capture itself does not."""
+    for _ in range(warmup):
+        fn()
+    return FakeGraph(fn)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """Run the whole serving smoke once; yield ``(exit code, folder)``."""
+    """Run the whole serving smoke once, graph branches exercised through :class:`FakeGraph`;
+    yield ``(exit code, folder)``."""
     from benchmarks import bench_serving
 
     threads = torch.get_num_threads()
     folder = tmp_path_factory.mktemp("serving_smoke")
     try:
-        code = bench_serving.main(["all", "--smoke", "--out", str(folder)])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(common, "capture_graph", fake_capture_graph)
+            code = bench_serving.main(["all", "--smoke", "--graph", "on", "--out", str(folder)])
     finally:
         torch.set_num_threads(threads)
     return code, folder
@@ -58,6 +78,8 @@ def test_switch_moves_no_weights_and_outputs_match_reference(smoke_run):
     assert all(r["weight_bytes_moved"] == 0 for r in rows if r["kind"] == "switch_host")
     checks = [r for r in rows if r["kind"] in ("graph_switch_check", "ffn_graph_switch_check")]
     assert len(checks) >= 14 and all(r["ok"] for r in checks)
+    assert all(r["graph_captured"] for r in checks)
+    assert all(r["err_replay_refreshed"] <= r["tolerance"] for r in checks if r["kind"] == "graph_switch_check")
     # the check can tell personas apart: switching changes the reference output far beyond the tolerance
     effects = [r["persona_effect_vs_previous"] for r in checks if r.get("persona_effect_vs_previous") is not None]
     assert effects and min(effects) > 10 * checks[0]["tolerance"]
@@ -72,8 +94,25 @@ def test_decode_all_configs_ran_and_loop_matches_generate(smoke_run):
     assert {"dense_model", "identical", "uniform8", "zipf", "distinct", "dense_id0"} <= mixes
     assert all(0 < r["union_density"] <= 1 for r in timed)
     assert all(r["union_density"] == 1 for r in timed if r["mix"] in ("dense_model", "dense_id0"))
+    assert all(r["mode"] == "cuda_graph" and r["graph_matches_eager_tokens"] for r in timed)
     check = next(r for r in rows if r.get("kind") == "loop_vs_generate")
     assert check["loop_matches_generate_dense_id0"] and check["loop_matches_generate_uniform8"]
+
+
+def test_decode_falls_back_to_eager_when_capture_fails(tmp_path):
+    """On the CPU a real CUDA-graph capture fails: the configs still run, eagerly, and say why."""
+    from benchmarks.serving import decode
+
+    threads = torch.get_num_threads()
+    try:
+        code = decode.main(["--smoke", "--graph", "on", "--batches", "1", "--mixes", "identical",
+                            "--new-tokens", "4", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    timed = [r for r in common.read_jsonl(tmp_path / "decode.jsonl") if "mix" in r and "kind" not in r]
+    assert [r["mix"] for r in timed] == ["dense_model", "identical"]
+    assert timed[0]["capture_error"] and all(r["mode"] == "eager" and r["tokens_per_s"] > 0 for r in timed)
 
 
 def test_memory_lines_add_up(smoke_run):

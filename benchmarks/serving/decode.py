@@ -158,7 +158,7 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
     gen = torch.Generator().manual_seed(123)
     prompts = {b: torch.randint(0, shape.vocab, (b, args.prompt_len), generator=gen).to(device) for b in args.batches}
     batches = _ordered(args.batches, BATCH_PRIORITY)
-    use_graph = device.type == "cuda" and not args.no_graph
+    use_graph = args.graph == "on" or (args.graph == "auto" and device.type == "cuda")
     cache_len = args.prompt_len + args.new_tokens
     common = {"bench": "decode", "model": shape.name, "hidden": shape.hidden, "inter": shape.inter, "layers": shape.layers,
               "dtype": str(dtype).replace("torch.", ""), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -251,7 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--density", type=float, default=DEFAULT_DENSITY)
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="mask score correlation between personas")
-    parser.add_argument("--no-graph", action="store_true", help="eager decode steps even on a GPU")
+    parser.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
+                        help="capture each decode step as a CUDA graph (auto: on a GPU); eager when capture fails")
     parser.add_argument("--check-generate", action="store_true", help="also compare tokens with model.generate (default in smoke)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; configs that would not fit are skipped")
     parser.add_argument("--out", type=Path, default=None)

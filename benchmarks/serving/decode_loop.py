@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks import common
+
 
 def make_static_cache(model, batch: int, max_len: int):
     """A ``transformers.StaticCache`` for ``batch`` rows and ``max_len`` positions (old and new signatures)."""
@@ -101,27 +103,14 @@ class StaticGreedyDecoder:
         self.step_index.add_(1)
 
     def capture(self, prompt: torch.Tensor, warmup_steps: int = 2) -> None:
-        """Warm up (eager, side stream: JIT compiles and autotunes run here) and capture :meth:`step` as a CUDA graph.
+        """Warm up (eager, side stream: JIT compiles and autotunes run here) and capture :meth:`step`
+        as a CUDA graph (:func:`benchmarks.common.capture_graph`).
 
         Leaves the decoder freshly prefilled, ready for :meth:`decode`.
         """
-        if self.device.type != "cuda":
-            raise RuntimeError("CUDA graphs need a CUDA model")
-        if warmup_steps + 1 > self.new_tokens - 1:
-            warmup_steps = max(0, self.new_tokens - 2)
+        warmup_steps = max(0, min(warmup_steps, self.new_tokens - 2))
         self.prefill(prompt)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step()
-        self.graph = graph
-        torch.cuda.synchronize()
+        self.graph = common.capture_graph(self.step, warmup=warmup_steps)
         self.prefill(prompt)  # capture recorded but did not run; warm-up steps advanced the cache
 
     def decode(self, n_steps: int, use_graph: bool | None = None) -> None:

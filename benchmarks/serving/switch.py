@@ -36,6 +36,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     JsonlWriter,
     cuda_events_time,
@@ -257,7 +258,7 @@ def _rewind(cache, position: int) -> bool:
 
 
 def graph_switch_check(model, batch: int, prompt_len: int, device: torch.device, dtype: torch.dtype,
-                       log: JsonlWriter, seed: int = 0) -> list[dict]:
+                       log: JsonlWriter, seed: int = 0, use_graph: bool | None = None) -> list[dict]:
     """Capture one decode step of the attached model at a fixed position; replay it after persona switches
     and compare with the eager ``reference``-backend step (the oracle). CPU: eager steps only."""
     from persona_kernels.hf import set_backend, set_persona
@@ -287,22 +288,14 @@ def graph_switch_check(model, batch: int, prompt_len: int, device: torch.device,
 
         graph = None
         capture_error = None
-        if device.type == "cuda":
+        sync = device_sync(device)
+        if use_graph if use_graph is not None else device.type == "cuda":
             try:
                 set_persona(model, _ids_for("identical", batch, seed))
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        fixed_step()
-                torch.cuda.current_stream().wait_stream(side)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fixed_step()
-                torch.cuda.synchronize()
+                graph = common.capture_graph(fixed_step, warmup=2)
             except Exception as error:  # noqa: BLE001 - recorded, then the eager checks still run
                 graph, capture_error = None, f"{type(error).__name__}: {error}"[:500]
+                sync()
 
         rows = []
         previous_ref = None
@@ -315,12 +308,12 @@ def graph_switch_check(model, batch: int, prompt_len: int, device: torch.device,
             if graph is not None:
                 logits_out.fill_(float("nan"))
                 graph.replay()
-                torch.cuda.synchronize()
+                sync()
                 no_refresh = logits_out.clone()
                 state.token_ids(batch, 1)  # refill the per-token ids the captured step reads
                 logits_out.fill_(float("nan"))
                 graph.replay()
-                torch.cuda.synchronize()
+                sync()
                 replay = logits_out.clone()
             logits_out.fill_(float("nan"))
             fixed_step()  # eager, default backend
@@ -346,7 +339,7 @@ def graph_switch_check(model, batch: int, prompt_len: int, device: torch.device,
 
 
 def ffn_graph_switch_check(shape: ModelShape, batch: int, device: torch.device, dtype: torch.dtype,
-                           log: JsonlWriter, layers: int = 2, seed: int = 0) -> list[dict]:
+                           log: JsonlWriter, layers: int = 2, seed: int = 0, use_graph: bool | None = None) -> list[dict]:
     """A stack of ``masked_ffn`` layers reading a fixed id buffer, captured as a CUDA graph (CUDA) or run
     eagerly (CPU); after each switch compared with :func:`masked_ffn_reference` layer by layer."""
     from persona_kernels import masked_ffn, resolve_backend
@@ -381,20 +374,12 @@ def ffn_graph_switch_check(shape: ModelShape, batch: int, device: torch.device, 
     graph, capture_error = None, None
     ids_buf.copy_(torch.tensor(_ids_for("identical", batch, seed), dtype=torch.int32))
     x_in.copy_(torch.randn(batch, shape.hidden, generator=gen))
-    if device.type == "cuda":
+    if use_graph if use_graph is not None else device.type == "cuda":
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-        except Exception as error:  # noqa: BLE001
+            graph = common.capture_graph(step, warmup=2)
+        except Exception as error:  # noqa: BLE001 - recorded, then the eager checks still run
             graph, capture_error = None, f"{type(error).__name__}: {error}"[:500]
+            device_sync(device)()
     tol = tolerance(dtype)
     rows = []
     for offset, mix in enumerate(SWITCH_SEQUENCE):
@@ -427,10 +412,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host-iters", type=int, default=None, help="timed calls per host-time case")
     parser.add_argument("--reps", type=int, default=None, help="repetitions of device copies")
     parser.add_argument("--check-layers", type=int, default=2, help="decoder layers of the graph-check model")
+    parser.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
+                        help="capture the checked steps as CUDA graphs (auto: on a GPU)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     args.device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    args.use_graph = args.graph == "on" or (args.graph == "auto" and args.device.type == "cuda")
     args.shape = args.shape or ("tiny" if args.smoke else "8b")
     args.host_iters = args.host_iters or (200 if args.smoke else 5000)
     args.reps = args.reps or (3 if args.smoke else 10)
@@ -464,11 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         bank = bank_for_model(model, check_shape, density=DEFAULT_DENSITY, group_size=DEFAULT_GROUP_SIZE)
         attach_bank(model, bank)
         rows += bench_switch_host(model, args.batch, device, args.host_iters, log)
-        rows += graph_switch_check(model, args.batch, prompt_len=8, device=device, dtype=dtype, log=log)
+        rows += graph_switch_check(model, args.batch, prompt_len=8, device=device, dtype=dtype, log=log, use_graph=args.use_graph)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        rows += ffn_graph_switch_check(shape, args.batch, device, dtype, log)
+        rows += ffn_graph_switch_check(shape, args.batch, device, dtype, log, use_graph=args.use_graph)
         rows += bench_presliced(shape, DEFAULT_DENSITY, device, torch.bfloat16 if device.type == "cuda" else dtype, args.reps, log)
         rows += bench_lora(shape, LORA_RANK, device, torch.bfloat16 if device.type == "cuda" else dtype, args.reps, log)
     ok = report(rows, out_dir, shape, args.smoke)
