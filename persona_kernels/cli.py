@@ -159,6 +159,8 @@ def cmd_chat(args) -> int:
         raise CLIError("give --persona-file or --description (or --bank with --persona)")
     if bank is not None and not personas and args.persona is None:
         raise CLIError("with --bank, name the persona with --persona")
+    if bank is not None and args.persona is not None and args.persona not in [name for name, _ in personas]:
+        bank.persona_id(args.persona)  # an unknown persona fails now, before the model loads
     model, tokenizer = _load_model(args)
     if bank is None:
         bank = _build_bank(args, model, tokenizer, personas)
