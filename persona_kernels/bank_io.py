@@ -200,8 +200,7 @@ def _decode_keep(tensors: dict[str, torch.Tensor], n_personas: int, n_layers: in
         if group_ids.numel() > 1 and not bool((group_ids[1:] > group_ids[:-1]).all()):
             raise MaskBankError(f"{where}: persona {persona + 1} layer {layer} has duplicate or unsorted group ids")
         keep[persona, layer] = ids_to_keep(group_ids, n_groups)
-    # (an empty bank has nothing to compare; masks.bits_to_keep cannot reshape a 0-element tensor)
-    if n_personas and (not torch.equal(keep_to_bits(keep), bits) or not torch.equal(bits_to_keep(bits, n_groups), keep)):
+    if not torch.equal(keep_to_bits(keep), bits) or not torch.equal(bits_to_keep(bits, n_groups), keep):
         raise MaskBankError(f"{where}: bitmaps disagree with kept_groups (or have bits set past group {n_groups - 1})")
     return keep
 

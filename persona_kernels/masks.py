@@ -37,7 +37,7 @@ def bits_to_keep(bits: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Unpack int32 ``[..., words]`` bitmaps into a bool ``[..., n_groups]`` mask."""
     shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.int32)
     unpacked = torch.bitwise_and(torch.bitwise_right_shift(bits.to(torch.int32).unsqueeze(-1), shifts), 1)
-    return unpacked.reshape(*bits.shape[:-1], -1)[..., :n_groups].bool()
+    return unpacked.reshape(*bits.shape[:-1], bits.shape[-1] * WORD_BITS)[..., :n_groups].bool()
 
 
 def keep_to_ids(keep: torch.Tensor) -> torch.Tensor:

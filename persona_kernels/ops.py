@@ -37,9 +37,16 @@ def backend_module(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])
 
 
+def _usable(name: str) -> bool:
+    try:
+        return backend_module(name).is_available()
+    except ImportError:
+        return False
+
+
 def available_backends() -> list[str]:
     """Names of the backends usable in this process."""
-    return [name for name in BACKENDS if backend_module(name).is_available()]
+    return [name for name in BACKENDS if _usable(name)]
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -52,7 +59,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         return requested
     preference = _PREFERENCE.get(device.type, ("reference",))
     for name in preference:
-        if backend_module(name).is_available():
+        if _usable(name):
             if name != preference[0] and name not in _warned:
                 reason = backend_module(preference[0]).unavailable_reason()
                 warnings.warn(f"persona_kernels: backend {preference[0]!r} unavailable ({reason}); using {name!r}")
