@@ -102,9 +102,9 @@ def _optimize(model, data: TrainingData, parameter: torch.Tensor, multiplier, st
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        curve.append((step, float(loss)))
+        curve.append((step, float(loss.detach())))
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
         done = step + 1
         if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
             _save(checkpoint, {"value": parameter.detach().clone(), "optimizer": optimizer.state_dict(), "step": done, "curve": curve})

@@ -36,7 +36,7 @@ def ste_mask(scores: torch.Tensor, k: int, ste: str = "identity") -> torch.Tenso
     """
     hard = topk_keep(scores, k).to(scores.dtype)
     soft = scores if ste == "identity" else torch.sigmoid(scores)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly the hard mask in the forward pass
 
 
 def expand_groups(mask: torch.Tensor, group_size: int) -> torch.Tensor:

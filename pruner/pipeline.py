@@ -46,7 +46,6 @@ class Pruner:
         self.fingerprint = model_fingerprint(model)
         self.model_name = model_name(model)
         self.n_groups = self.d_ff // self.config.group_size
-        self.k = keep_count(self.n_groups, self.config.sparsity)
         self.cache_dir = self.config.cache_path() / self.fingerprint[:16]
         self.answers = JsonlCache(self.cache_dir / "answers.jsonl")
         self.teacher = self._make_teacher()
@@ -55,7 +54,13 @@ class Pruner:
         self._generic: TrainingData | None = None
         self._generic_stats: ChannelStats | None = None
         self._generic_learned: dict[tuple, tuple[torch.Tensor, dict]] = {}
+        self._persona_data: dict[str, tuple[TrainingData, dict]] = {}
         self.timings: dict[str, float] = {}
+
+    @property
+    def k(self) -> int:
+        """Groups kept per layer at the configured sparsity (the sparsity may be changed between personas)."""
+        return keep_count(self.n_groups, self.config.sparsity)
 
     def _make_teacher(self):
         c = self.config
@@ -122,6 +127,8 @@ class Pruner:
     # ---- one persona ----------------------------------------------------------------------------
     def persona_data(self, description: str) -> tuple[TrainingData, dict]:
         """Persona-sensitive instructions of the pool with the teacher's persona-voiced answers, and a data report."""
+        if description in self._persona_data:
+            return self._persona_data[description]
         c = self.config
         system = system_prompt(description)
         began = time.perf_counter()
@@ -141,6 +148,7 @@ class Pruner:
             "sensitivity_s": round(filtered - began, 2), "teacher_s": round(generated - filtered, 2),
             "teacher": self.teacher.identity,
         }
+        self._persona_data[description] = (data, report)
         return data, report
 
     def prune(self, name: str, description: str) -> list[PersonaMask]:
@@ -158,6 +166,7 @@ class Pruner:
                                   seed=c.seed, ste=c.ste, kl_weight=c.kl_weight,
                                   checkpoint=self._checkpoint(persona_key, "mask"), checkpoint_every=c.checkpoint_every,
                                   progress=c.progress)
+        report = dict(report)
         report.update(learn_s=round(result.seconds, 2), resumed_at_step=result.resumed_at, loss_curve=_subsample_curve(result.curve))
         scales = None
         if c.scales and c.scale_steps > 0:

@@ -1,0 +1,283 @@
+"""Tests of the Persona-Pruner (pruner/) on a tiny random Llama model and a character-level tokenizer."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from persona_kernels.bank import MaskBank
+from pruner import FidelityEval, Pruner, PrunerConfig, PrunerInputError, prune_persona
+from pruner import baselines as bl
+from pruner.chat import answer_ids, split_prompts, system_prompt
+from pruner.cli import main as cli_main
+from pruner.data import JsonlCache
+from pruner.importance import activation_importance, collect_stats, scores_from_importance
+from pruner.learn import TrainingData, learn_mask, learn_scales, mean_loss
+from pruner.masked_model import keep_count, ste_mask, topk_keep
+from pruner.teacher import EndpointTeacher, cached_answers
+
+D_FF, GROUP, LAYERS = 64, 4, 2
+
+
+class CharTokenizer:
+    """Character-level stub tokenizer with a chat template (id 0 is the end-of-turn token)."""
+
+    eos_token_id = 0
+    eos_token = "<e>"
+    vocab_size = 128
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        system = next((m["content"] for m in messages if m["role"] == "system"), "You help.")
+        text = f"S:{system}\n" + "".join(f"U:{m['content']}\n" for m in messages if m["role"] == "user")
+        return text + ("A:" if add_generation_prompt else "")
+
+    def encode(self, text, add_special_tokens=False):
+        return [min(ord(c), 126) + 1 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 1) for i in ids if i != 0)
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=D_FF, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.1)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CharTokenizer()
+
+
+DESCRIPTION = "A grumpy lighthouse keeper who talks about storms."
+
+
+def training_data(tokenizer, n: int = 8) -> TrainingData:
+    questions = [f"question number {i}?" for i in range(n)]
+    answers = [("storm " * (i % 3 + 2)).strip() for i in range(n)]
+    prompts = split_prompts(tokenizer, system_prompt(DESCRIPTION), questions)
+    return TrainingData(prompts.prefix, prompts.questions, [answer_ids(tokenizer, a) for a in answers], 0)
+
+
+def init_scores(model, data):
+    stats = collect_stats(model, data.prefix, data.batches(4), progress=False)
+    return scores_from_importance(activation_importance(stats, model, GROUP))
+
+
+def small_config(tmp_path, **overrides) -> PrunerConfig:
+    values = dict(sparsity=0.5, group_size=GROUP, max_pool=12, n_train=4, max_new_tokens=6, steps=3, batch_size=2,
+                  scale_steps=2, checkpoint_every=1, cache_dir=str(tmp_path / "cache"), progress=False)
+    values.update(overrides)
+    return PrunerConfig(**values)
+
+
+def test_ste_keeps_exactly_k_and_passes_gradients():
+    scores = torch.randn(3, 10, requires_grad=True)
+    for ste in ("identity", "sigmoid"):
+        mask = ste_mask(scores, 4, ste)
+        assert torch.equal(mask.detach().sum(1), torch.full((3,), 4.0))
+        assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+        (mask * torch.arange(10.0)).sum().backward()
+        assert scores.grad is not None and scores.grad.abs().sum() > 0
+        scores.grad = None
+    assert keep_count(96, 0.5) == 48 and keep_count(4, 0.99) == 1
+    assert torch.equal(topk_keep(torch.tensor([[1.0, 1.0, 0.0]]), 1), torch.tensor([[True, False, False]]))
+
+
+def test_learned_mask_reduces_training_loss(model, tokenizer):
+    data = training_data(tokenizer)
+    init = init_scores(model, data)
+    k = keep_count(D_FF // GROUP, 0.5)
+    keep, result = learn_mask(model, data, init, k, GROUP, steps=30, lr=0.1, batch_size=4, seed=0, progress=False)
+    assert torch.equal(keep.sum(1), torch.full((LAYERS,), k))
+    assert mean_loss(model, data, keep, GROUP) < mean_loss(model, data, topk_keep(init, k), GROUP)
+    assert all(not p.requires_grad for p in model.parameters())
+    scales, _ = learn_scales(model, data, keep, GROUP, steps=5, lr=0.05, batch_size=4, seed=0, progress=False)
+    assert scales.shape == (LAYERS, D_FF)
+    assert torch.all(scales[~keep.repeat_interleave(GROUP, 1)] == 1)
+
+
+def test_same_seed_same_mask_and_resume_matches(model, tokenizer, tmp_path):
+    data = training_data(tokenizer)
+    init = init_scores(model, data)
+    kwargs = dict(steps=8, lr=0.1, batch_size=3, seed=3, progress=False)
+    first, r1 = learn_mask(model, data, init, 8, GROUP, **kwargs)
+    second, r2 = learn_mask(model, data, init, 8, GROUP, **kwargs)
+    assert torch.equal(first, second) and torch.equal(r1.value, r2.value)
+    ckpt = tmp_path / "ckpt.pt"
+    learn_mask(model, data, init, 8, GROUP, checkpoint=ckpt, checkpoint_every=2, stop_after=5, **kwargs)  # "interrupted"
+    resumed, r3 = learn_mask(model, data, init, 8, GROUP, checkpoint=ckpt, checkpoint_every=2, **kwargs)
+    assert r3.resumed_at == 4
+    assert torch.equal(resumed, first)
+    torch.testing.assert_close(r3.value, r1.value)
+    assert [s for s, _ in r3.curve] == list(range(8))
+
+
+def test_baselines_shape_and_sparsity(model, tokenizer, tmp_path):
+    pruner = Pruner(model, tokenizer, small_config(tmp_path, baselines=("random", "magnitude", "wanda", "flap", "generic-learned")))
+    k = keep_count(D_FF // GROUP, 0.5)
+    for method in ("random", "magnitude", "wanda", "flap", "generic-learned"):
+        mask = pruner.baseline("p", DESCRIPTION, method)
+        assert mask.keep.shape == (LAYERS, D_FF // GROUP) and mask.keep.dtype == torch.bool
+        assert torch.equal(mask.keep.sum(1), torch.full((LAYERS,), k)), method
+        assert mask.name == f"p@{method}" and mask.method == method
+    assert torch.equal(bl.random_mask(2, 16, 5, seed=1), bl.random_mask(2, 16, 5, seed=1))
+
+
+def test_bad_inputs_raise_before_work(model, tokenizer, tmp_path, monkeypatch):
+    import pruner.pipeline as pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the input was validated")
+
+    monkeypatch.setattr(pipeline, "signatures", no_work)
+    monkeypatch.setattr(pipeline, "reference_signatures", no_work)
+    with pytest.raises(PrunerInputError, match="empty"):
+        prune_persona(model, tokenizer, "p", "   ", small_config(tmp_path))
+    with pytest.raises(PrunerInputError, match="characters"):
+        prune_persona(model, tokenizer, "p", "x" * 5000, small_config(tmp_path))
+    for sparsity in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(PrunerInputError, match="sparsity"):
+            prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, sparsity=sparsity))
+    with pytest.raises(PrunerInputError, match="does not divide"):
+        prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, group_size=5))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128))
+    with pytest.raises(PrunerInputError, match="gated FFN"):
+        prune_persona(gpt2, tokenizer, "p", DESCRIPTION, small_config(tmp_path))
+    with pytest.raises(PrunerInputError, match="reserved"):
+        prune_persona(model, tokenizer, "dense", DESCRIPTION, small_config(tmp_path))
+
+
+def test_cli_rejects_bad_input_without_loading_a_model(tmp_path, monkeypatch, capsys):
+    import persona_kernels.hf.default_model as default_model
+
+    monkeypatch.setattr(default_model, "load_default_model", lambda *a, **k: pytest.fail("model loaded"))
+    bank = str(tmp_path / "bank.safetensors")
+    assert cli_main(["--description", "", "--name", "x", "--bank", bank]) == 2
+    assert cli_main(["--description", "a pirate", "--name", "x", "--bank", bank, "--sparsity", "1.2"]) == 2
+    assert cli_main(["--description", "a pirate", "--name", "x", "--bank", bank, "--baselines", "nope"]) == 2
+    assert "sparsity" in capsys.readouterr().err
+
+
+def test_bank_holds_persona_with_method_and_report(model, tokenizer, tmp_path):
+    config = small_config(tmp_path, baselines=("random", "wanda"))
+    pruner = Pruner(model, tokenizer, config)
+    masks = pruner.prune("keeper", DESCRIPTION)
+    path = tmp_path / "bank.safetensors"
+    pruner.add_to_bank(path, masks)
+    bank = MaskBank.load(path)
+    assert bank.names == ["keeper", "keeper@random", "keeper@wanda"]
+    entry = bank.get("keeper")
+    assert entry.method == "persona-pruner" and entry.description == DESCRIPTION
+    assert abs(entry.sparsity - 0.5) < 1e-6 and entry.scales is not None
+    for key in ("train_sequences", "sensitivity_s", "teacher_s", "learn_s", "loss_curve", "scales_s"):
+        assert key in entry.report
+    assert bank.group_size == GROUP and bank.d_ff == D_FF and bank.n_layers == LAYERS
+    # a second run replaces the persona in place and reuses the cached answers and checkpoints
+    again = Pruner(model, tokenizer, config).prune("keeper", DESCRIPTION)
+    assert torch.equal(again[0].keep, masks[0].keep) and again[0].report["resumed_at_step"] == config.steps
+    pruner.add_to_bank(path, again[:1])
+    assert MaskBank.load(path).names == ["keeper", "keeper@random", "keeper@wanda"]
+
+
+def test_fidelity_dense_is_exact_and_random_is_not(model, tokenizer):
+    questions = ["who are you?", "what do you fear?", "tell me about the sea."]
+    fidelity = FidelityEval(model, tokenizer, DESCRIPTION, questions, max_new_tokens=5)
+    n_groups = D_FF // GROUP
+    dense = fidelity.measure(torch.ones(LAYERS, n_groups, dtype=torch.bool), GROUP)
+    assert dense["kl"] < 1e-6 and dense["top1"] == 1.0 and dense["tokens"] == 3 * 6
+    random = bl.random_mask(LAYERS, n_groups, n_groups // 2, seed=0)
+    assert fidelity.measure(random, GROUP)["kl"] > 1e-7
+
+
+def test_fidelity_attached_bank_agrees_with_hooks(tokenizer):
+    from persona_kernels.hf.ffn import model_fingerprint
+
+    model = tiny_model(seed=1)
+    n_groups = D_FF // GROUP
+    keep = bl.random_mask(LAYERS, n_groups, 9, seed=2)
+    scales = 1 + 0.1 * torch.randn(LAYERS, D_FF)
+    from persona_kernels.bank import PersonaMask
+
+    bank = MaskBank("tiny", model_fingerprint(model), LAYERS, D_FF, GROUP, [PersonaMask("p", keep, "d", "random", scales)])
+    fidelity = FidelityEval(model, tokenizer, DESCRIPTION, ["who are you?", "a long question about storms?"], max_new_tokens=5)
+    hooked = fidelity.measure(keep, GROUP, scales)
+    attached = fidelity.measure_attached(bank, "p")
+    assert hooked["kl"] > 1e-7
+    assert abs(hooked["kl"] - attached["kl"]) < 1e-3 * hooked["kl"] + 1e-9 and hooked["top1"] == attached["top1"]
+
+
+def test_generation_with_shared_prefix_matches_plain_generate(model, tokenizer):
+    from pruner.generate import generate_answers
+
+    questions = ["hi?", "a much longer question here?"]
+    prompts = split_prompts(tokenizer, system_prompt(DESCRIPTION), questions)
+    answers = generate_answers(model, tokenizer, prompts.prefix, prompts.questions, 6)
+    for question, answer in zip(prompts.questions, answers):
+        ids = torch.tensor([prompts.prefix + question])
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=0, pad_token_id=0)
+        assert tokenizer.decode(out[0, ids.shape[1]:].tolist()).strip() == answer
+
+
+def test_teacher_cache_resumes(model, tokenizer, tmp_path):
+    calls = []
+
+    class CountingTeacher:
+        identity = "counting"
+
+        def answer(self, system, questions, max_new_tokens, temperature, seed, on_batch, progress=True):
+            calls.append(list(questions))
+            on_batch(questions, [q.upper() for q in questions])
+
+    cache = JsonlCache(tmp_path / "answers.jsonl")
+    assert cached_answers(CountingTeacher(), cache, "sys", ["a", "b"], 5) == ["A", "B"]
+    reopened = JsonlCache(tmp_path / "answers.jsonl")
+    assert cached_answers(CountingTeacher(), reopened, "sys", ["a", "b", "c"], 5) == ["A", "B", "C"]
+    assert calls == [["a", "b"], ["c"]]
+
+
+def test_endpoint_teacher_against_fake_server(monkeypatch):
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body, self.headers.get("Authorization")))
+            reply = json.dumps({"choices": [{"message": {"content": " Arr, " + body["messages"][-1]["content"]}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        teacher = EndpointTeacher(f"http://127.0.0.1:{server.server_address[1]}/v1", "fake-model")
+        got = []
+        teacher.answer("be a pirate", ["hello"], 10, 0.0, 0, lambda q, a: got.extend(a), progress=False)
+    finally:
+        server.shutdown()
+    assert got == ["Arr, hello"]
+    path, body, auth = seen[0]
+    assert path == "/v1/chat/completions" and body["model"] == "fake-model" and body["max_tokens"] == 10
+    assert body["messages"][0] == {"role": "system", "content": "be a pirate"} and auth == "Bearer test-key"
