@@ -453,7 +453,7 @@ def plot_bars(labels: Sequence[str], values: Sequence[float], path: str | Path, 
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.8 * len(labels)), 5))
     bars = ax.bar(range(len(labels)), values, color="tab:blue")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)

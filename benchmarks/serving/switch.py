@@ -474,10 +474,12 @@ def report(rows: list[dict], out_dir: Path, shape: ModelShape, smoke: bool) -> b
                                 "bytes": human_bytes(row["id_bytes"]) + " ids, 0 weights"})
         elif kind in ("presliced_load", "reslice_device", "lora_swap"):
             ms = row.get("device_median_ms", row.get("wall_median_ms"))
-            timing_rows.append({"what": f"{kind}: {row['case']}", "time": ms * 1e3, "unit": "us",
-                                "bytes": human_bytes(row["weight_bytes_moved"]) + " weights"})
+            short = {"presliced_load": "pre-sliced copy H2D", "reslice_device": "re-slice on device",
+                     "lora_swap": f"LoRA r{row.get('rank', LORA_RANK)} swap H2D, whole model"}[kind]
+            timing_rows.append({"what": short + (", 1 layer" if "model_ms_extrapolated" in row else ""), "time": ms * 1e3,
+                                "unit": "us", "bytes": human_bytes(row["weight_bytes_moved"]) + " weights"})
             if "model_ms_extrapolated" in row:
-                timing_rows.append({"what": f"{kind}: whole model ({row['layers']} layers, extrapolated)",
+                timing_rows.append({"what": f"{short}, whole model (x{row['layers']} layers)",
                                     "time": row["model_ms_extrapolated"] * 1e3, "unit": "us",
                                     "bytes": human_bytes(row["model_weight_bytes_moved"]) + " weights"})
     print(f"\n== persona switch vs alternatives ({shape.name}; {label})")
