@@ -212,11 +212,7 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
 
     if args.check_generate:
         rows.append(log.write({**common, **check_against_generate(model, shape, args)}))
-    del model, state
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+    return rows  # the model is freed with this frame; main() collects before the next shape
 
 
 def check_against_generate(model, shape: ModelShape, args) -> dict:
@@ -284,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"decode: {SHAPES[name].name} on {args.device}", flush=True)
             rows += bench_shape(SHAPES[name], args, log, deadline)
+            gc.collect()
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
     return report(rows, out_dir, args.smoke)
 
 

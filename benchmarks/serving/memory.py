@@ -116,7 +116,7 @@ def bench_memory(shape: ModelShape, personas: list[int], device: torch.device, d
                 persona.scales = None
             size = len(safetensors_save(*bank_to_tensors(bank)))
             line("bank_file_masks_only", n, size, "measured: serialised safetensors bytes", None, "kept group ids + bitmaps")
-        del bank
+        bank = None  # free the scales before the next count
         gc.collect()
 
         per_copy = pruned_copy_bytes(shape, density)

@@ -191,7 +191,6 @@ def bench_presliced(shape: ModelShape, density: float, device: torch.device, dty
         "model_ms_extrapolated": per_layer_ms * shape.layers, "gbps": nbytes / (per_layer_ms * 1e-3) / 1e9,
         **timing.as_dict("device" if cuda else "wall"),
     }))
-    del host
 
     # On-device re-slice from resident dense packed weights (no host traffic, every kept byte read and written).
     gate_up = torch.randn(shape.inter, 2, shape.hidden, generator=gen).to(device, dtype)
