@@ -1,0 +1,210 @@
+"""CPU masked FFN kernel vs torch's dense FFN and vs the pre-sliced per-persona oracle.
+
+For each FFN shape, dtype, group size G, persona density and batch size, three things run side by
+side (round-robin, so background load hits all three alike), each timed as the median wall time
+after warm-up, with torch and the kernel both using every core:
+
+- ``dense``: the unpruned FFN through ``F.linear`` (gate, up, act, down) in the same dtype;
+- ``oracle``: the persona's kept channels sliced into small dense weights, through ``F.linear``
+  (what a private pruned copy would cost; matching it shows that not copying costs nothing);
+- ``cpu``: ``persona_kernels`` cpu backend over the shared packed weights and the persona mask.
+
+Every token of a batch belongs to the same persona (the oracle's best case). Writes a JSON file
+and a markdown table under ``benchmarks/out/`` and a plot under ``benchmarks/plots/``.
+
+    python benchmarks/bench_cpu.py                      # the full grid (about 5-10 minutes)
+    python benchmarks/bench_cpu.py --shapes smollm2-135m --reps 5    # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from persona_kernels.backends import cpu_backend
+from persona_kernels.masks import keep_to_bits
+from persona_kernels.reference import activate
+
+SHAPES = {"smollm2-135m": (576, 1536), "llama3-8b": (4096, 14336)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OUT_DIR = Path(__file__).resolve().parent / "out"
+PLOT_PATH = Path(__file__).resolve().parent / "plots" / "cpu_speedup.png"
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as lscpu reports it."""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
+    """Median wall seconds of each function, calls interleaved round-robin after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str):
+    """The stock gated FFN: ``down(act(gate(x)) * up(x))`` with ``F.linear`` in the weights' dtype."""
+    return F.linear(activate(F.linear(x, w_gate), activation) * F.linear(x, w_up), w_down)
+
+
+def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: list[dict]) -> None:
+    """Measure every (G, density, batch) of one shape and dtype; append one record per config."""
+    d, d_ff = SHAPES[shape]
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    w_gate = (torch.randn(d_ff, d, generator=gen) * d**-0.5).to(dtype)
+    w_up = (torch.randn(d_ff, d, generator=gen) * d**-0.5).to(dtype)
+    w_down = (torch.randn(d, d_ff, generator=gen) * d_ff**-0.5).to(dtype)
+    gate_up = torch.stack((w_gate, w_up), dim=1).contiguous()
+    down_t = w_down.T.contiguous()
+    reps = args.reps if args.reps else (7 if d >= 4096 else 30)
+    for G in args.groups:
+        n_groups = d_ff // G
+        for density in args.densities:
+            keep = torch.zeros(1, n_groups, dtype=torch.bool)
+            keep[0, torch.randperm(n_groups, generator=gen)[: round(density * n_groups)]] = True
+            bits = keep_to_bits(keep)
+            kept = keep[0].repeat_interleave(G).nonzero().flatten()
+            o_gate, o_up, o_down = w_gate[kept].contiguous(), w_up[kept].contiguous(), w_down[:, kept].contiguous()
+            for batch in args.batches:
+                x = torch.randn(batch, d, generator=gen).to(dtype)
+                ids = torch.zeros(batch, dtype=torch.int32)
+                fns = {
+                    "dense": lambda: ffn(x, w_gate, w_up, w_down, "silu"),
+                    "oracle": lambda: ffn(x, o_gate, o_up, o_down, "silu"),
+                    "cpu": lambda: cpu_backend.masked_ffn(x, gate_up, down_t, ids, bits, None, G, "silu"),
+                }
+                error = (fns["cpu"]().float() - fns["oracle"]().float()).abs().max().item()
+                scale = fns["oracle"]().float().abs().max().item()
+                if not error <= 0.05 * (1 + scale):
+                    raise AssertionError(f"cpu kernel disagrees with the oracle: {error} ({shape} {dtype_name} G={G})")
+                times = time_side_by_side(fns, reps=reps, warmup=2)
+                record = dict(
+                    shape=shape, d=d, d_ff=d_ff, dtype=dtype_name, G=G, density=density, batch=batch,
+                    kept_channels=int(kept.numel()), reps=reps,
+                    dense_ms=times["dense"] * 1e3, oracle_ms=times["oracle"] * 1e3, cpu_ms=times["cpu"] * 1e3,
+                    speedup_vs_dense=times["dense"] / times["cpu"], speedup_vs_oracle=times["oracle"] / times["cpu"],
+                    max_abs_err_vs_oracle=error,
+                )
+                records.append(record)
+                print(
+                    f"{shape:13s} {dtype_name:4s} G={G:<3d} density={density:.2f} batch={batch:<3d} "
+                    f"dense {record['dense_ms']:9.3f} ms  oracle {record['oracle_ms']:9.3f} ms  "
+                    f"cpu {record['cpu_ms']:9.3f} ms  x{record['speedup_vs_dense']:.2f} vs dense  "
+                    f"x{record['speedup_vs_oracle']:.2f} vs oracle",
+                    flush=True,
+                )
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One row per config: times in ms and the two ratios (above 1 means the kernel is faster)."""
+    lines = [
+        "| shape | dtype | G | density | batch | dense ms | oracle ms | cpu kernel ms | vs dense | vs oracle |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['G']} | {r['density']:.2f} | {r['batch']} | {r['dense_ms']:.3f} | "
+            f"{r['oracle_ms']:.3f} | {r['cpu_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_oracle']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Speed-up over dense (solid) and over the oracle (dashed) against density, per shape/dtype panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["shape"], r["dtype"]) for r in records})
+    G = max(r["G"] for r in records)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (shape, dtype_name) in zip(axes[0], panels):
+        for batch in sorted({r["batch"] for r in records}):
+            rows = sorted((r for r in records if (r["shape"], r["dtype"], r["G"], r["batch"]) == (shape, dtype_name, G, batch)),
+                          key=lambda r: r["density"])
+            densities = [r["density"] for r in rows]
+            line, = ax.plot(densities, [r["speedup_vs_dense"] for r in rows], marker="o", label=f"batch {batch} vs dense")
+            ax.plot(densities, [r["speedup_vs_oracle"] for r in rows], marker="x", linestyle="--", color=line.get_color(),
+                    label=f"batch {batch} vs oracle")
+        xs = [0.2, 0.8]
+        ax.plot(xs, [1 / x for x in xs], color="grey", linewidth=0.8, label="1/density (cap vs dense)")
+        ax.axhline(1.0, color="black", linewidth=0.6)
+        ax.set_title(f"{shape} {dtype_name}, G={G}")
+        ax.set_xlabel("persona density")
+        ax.set_ylabel("speed-up (time ratio)")
+        ax.set_ylim(0, max(4.5, ax.get_ylim()[1]))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the grid, print a table, write JSON + markdown to benchmarks/out/ and the plot."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--groups", nargs="+", type=int, default=[16, 64])
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--reps", type=int, default=0, help="timed rounds per config (default 7 for 8B, 30 otherwise)")
+    parser.add_argument("--plot", type=Path, default=PLOT_PATH)
+    args = parser.parse_args(argv)
+    if not cpu_backend.is_available():
+        sys.exit(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}")
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    from persona_kernels import _cpu
+
+    started = dt.datetime.now(dt.timezone.utc)
+    meta = dict(
+        date=started.isoformat(timespec="seconds"), command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        cpu=cpu_model_name(), cores=threads, torch=torch.__version__, torch_threads=torch.get_num_threads(),
+        kernel_isa=_cpu.isa(), kernel_openmp=_cpu.openmp(), load_average_start=os.getloadavg(),
+    )
+    print(json.dumps(meta))
+    records: list[dict] = []
+    for shape in args.shapes:
+        for dtype_name in args.dtypes:
+            bench_shape(shape, dtype_name, args, records)
+    meta["load_average_end"] = os.getloadavg()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    (OUT_DIR / f"bench_cpu-{stamp}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    table = markdown_table(records)
+    (OUT_DIR / f"bench_cpu-{stamp}.md").write_text(table + "\n")
+    print(table)
+    plot(records, args.plot)
+    print(f"wrote {OUT_DIR / f'bench_cpu-{stamp}.json'}, {OUT_DIR / f'bench_cpu-{stamp}.md'}, {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
