@@ -80,14 +80,16 @@ def summarize_folder(folder: Path) -> tuple[list[dict], str]:
             if not base:
                 continue
             speedup = row["tokens_per_s"] / base
-            is_target = row["mix"] == "uniform8"
-            rows.append({"check": f"decode {row['model']} B=32 {row['mix']} vs dense ({row.get('mode')})",
+            variant = row.get("variant", "attach")
+            is_target = row["mix"] == "uniform8" and variant == "attach"
+            rows.append({"check": f"decode {row['model']} B=32 {row['mix']} [{variant}] vs dense ({row.get('mode')})",
                          "target": ">= 1.3x" if is_target else "info",
                          "measured": f"{speedup:.2f}x ({row['tokens_per_s']:.0f} vs {base:.0f} tok/s, union {row['union_density']:.2f})",
                          "verdict": _verdict(speedup >= SPEEDUP_TARGET if is_target and not smoke else None)})
-    failed = [r for r in decode if r.get("error") or r.get("graph_matches_eager_tokens") is False]
+    failed = [r for r in decode if r.get("error") or r.get("graph_matches_eager_tokens") is False
+              or r.get("tokens_match_attach") is False]
     if decode:
-        rows.append({"check": "decode configs ran (graph tokens == eager tokens)", "target": "all",
+        rows.append({"check": "decode configs ran (graph == eager tokens, variants == attach tokens)", "target": "all",
                      "measured": f"{sum(1 for r in decode if r.get('tokens_per_s'))} timed, {len(failed)} failed, "
                                  f"{sum(1 for r in decode if r.get('skipped'))} skipped",
                      "verdict": _verdict(not failed)})
