@@ -15,6 +15,28 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
+def _cache_keyword() -> str:
+    import inspect
+
+    from transformers import LlamaModel
+
+    # transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away)
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_KW = _cache_keyword()
+
+
+def with_cache(past) -> dict:
+    """Keyword arguments passing a key/value cache to a Hugging Face forward, in this transformers' spelling."""
+    return {CACHE_KW: past}
+
+
+def returned_cache(output):
+    """The key/value cache a Hugging Face forward returned."""
+    return output.past_key_values if getattr(output, "past_key_values", None) is not None else getattr(output, "cache")
+
+
 SYSTEM_TEMPLATE = "Role-play as the persona described below. Stay in character in every answer.\n{description}"
 
 
@@ -74,7 +96,7 @@ def prefix_cache(model, prefix: list[int], batch: int, cache=None) -> DynamicCac
     device = next(model.parameters()).device
     if cache is None:
         decoder, _ = decoder_and_head(model)
-        cache = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        cache = returned_cache(decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True))
     layers = [(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)) for layer in cache.layers]
     return DynamicCache(ddp_cache_data=layers)
 
@@ -109,7 +131,7 @@ def answer_logits(model, prefix: list[int], batch: Batch, cache=None) -> tuple[t
     device = next(model.parameters()).device
     decoder, head = decoder_and_head(model)
     past = prefix_cache(model, prefix, batch.ids.shape[0], cache)
-    hidden = decoder(input_ids=batch.ids.to(device), past_key_values=past, use_cache=True).last_hidden_state
+    hidden = decoder(input_ids=batch.ids.to(device), **with_cache(past), use_cache=True).last_hidden_state
     where = batch.targets.to(device) != -100
     return head(hidden[where]).float(), batch.targets.to(device)[where]
 
@@ -140,7 +162,7 @@ def last_prompt_hidden(model, prefix_past, questions: list[list[int]], pad_id: i
     last = torch.tensor([len(q) - 1 for q in questions])
     with torch.no_grad():
         past = prefix_cache(model, [], len(questions), prefix_past)
-        out = decoder(input_ids=ids.to(device), past_key_values=past, use_cache=True, output_hidden_states=True)
+        out = decoder(input_ids=ids.to(device), **with_cache(past), use_cache=True, output_hidden_states=True)
         layers = torch.stack(out.hidden_states[1:]).float()  # [L, B, T, d]
         picked = layers[:, torch.arange(len(questions)), last.to(device)]  # [L, B, d]
     return picked.mean(0).cpu()
@@ -151,4 +173,4 @@ def encode_prefix(model, prefix: list[int]):
     device = next(model.parameters()).device
     decoder, _ = decoder_and_head(model)
     with torch.no_grad():
-        return decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        return returned_cache(decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .chat import encode_prefix, prefix_cache
+from .chat import encode_prefix, prefix_cache, returned_cache, with_cache
 
 
 @torch.no_grad()
@@ -46,9 +46,9 @@ def generate_answers(
     for _ in range(max_new_tokens):
         out = model(
             input_ids=step_ids.to(device), attention_mask=mask.to(device), position_ids=step_pos.to(device),
-            past_key_values=past, use_cache=True,
+            use_cache=True, **with_cache(past),
         )
-        past = out.past_key_values
+        past = returned_cache(out)
         logits = out.logits[:, -1].float().cpu()
         if temperature > 0:
             token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)

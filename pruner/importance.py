@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from persona_kernels.hf.ffn import ffn_weights
 
-from .chat import Batch, decoder_and_head, prefix_cache
+from .chat import Batch, decoder_and_head, prefix_cache, returned_cache, with_cache
 from .masked_model import ffn_activation_hook
 
 
@@ -65,10 +65,10 @@ def collect_stats(model, prefix: list[int], batches: list[Batch], progress: bool
     device = next(model.parameters()).device
     with ffn_activation_hook(model, observe):
         current.pop("valid", None)
-        past = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        past = returned_cache(decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True))
         for batch in tqdm(batches, desc="channel statistics", disable=not progress, leave=False):
             current["valid"] = batch.valid.to(device)
-            decoder(input_ids=batch.ids.to(device), past_key_values=prefix_cache(model, prefix, batch.ids.shape[0], past), use_cache=True)
+            decoder(input_ids=batch.ids.to(device), use_cache=True, **with_cache(prefix_cache(model, prefix, batch.ids.shape[0], past)))
     total = max(count["tokens"], 1)
     return ChannelStats(sums[0] / total, sums[1] / total, sums[2] / total, count["tokens"])
 
