@@ -98,7 +98,8 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                 fns = {
                     "dense": lambda: ffn(x, w_gate, w_up, w_down, "silu"),
                     "oracle": lambda: ffn(x, o_gate, o_up, o_down, "silu"),
-                    "cpu": lambda: cpu_backend.masked_ffn(x, gate_up, down_t, ids, bits, None, G, "silu"),
+                    "cpu": lambda: cpu_backend.masked_ffn(
+                        x, gate_up, down_t, ids, bits, None, G, "silu", num_threads=args.kernel_threads),
                 }
                 error = (fns["cpu"]().float() - fns["oracle"]().float()).abs().max().item()
                 scale = fns["oracle"]().float().abs().max().item()
@@ -176,12 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per config (default 7 for 8B, 30 otherwise)")
+    parser.add_argument("--threads", type=int, default=0, help="threads for torch and the kernel (default: all cores)")
     parser.add_argument("--plot", type=Path, default=PLOT_PATH)
     args = parser.parse_args(argv)
     if not cpu_backend.is_available():
         sys.exit(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}")
-    threads = os.cpu_count() or 1
+    threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    args.kernel_threads = threads
     from persona_kernels import _cpu
 
     started = dt.datetime.now(dt.timezone.utc)
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         date=started.isoformat(timespec="seconds"), command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         cpu=cpu_model_name(), cores=threads, torch=torch.__version__, torch_threads=torch.get_num_threads(),
         kernel_isa=_cpu.isa(), kernel_openmp=_cpu.openmp(), load_average_start=os.getloadavg(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(unset)"),
     )
     print(json.dumps(meta))
     records: list[dict] = []
