@@ -7,11 +7,13 @@ Deselect them with ``-m "not slow"``.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_backend
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from persona_kernels.bank import MaskBank, MaskBankError, ModelMismatchError, PersonaMask
@@ -29,7 +31,9 @@ from persona_kernels.hf import (
     set_backend,
     set_persona,
 )
-from persona_kernels.hf.attach import attachment
+from persona_kernels.hf.attach import PersonaState, _forward_pre_hook, attachment
+from persona_kernels.reference import masked_ffn_reference
+from persona_kernels.step_meta import StepMeta
 
 G = 16
 ATOL = 2e-5
@@ -285,6 +289,136 @@ def test_cli_inspect(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err
+
+
+# ---------------- fixed buffers: one prepare per forward, switches between "graph replays" ----------------
+
+STATE_BACKENDS = ("reference", "cpu", "triton")
+
+
+def small_attached(backend: str, n_personas: int = 3):
+    """Hidden 32, d_ff 64, 2 layers, G 16, attached on ``backend`` (skips when it cannot run here)."""
+    require_backend(backend)
+    model = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    attach_bank(model, random_bank(model, n_personas=n_personas), backend=backend)
+    return model
+
+
+class _Counter:
+    """Wraps a method on its class and counts calls (``calls``), passing them through."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls, name: str):
+        self.calls = 0
+        original = getattr(cls, name)
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+
+
+def _expected_mlp(mlp, x: torch.Tensor, row_ids: list[int]) -> torch.Tensor:
+    """The layer's masked FFN by the reference formula, with row ``b`` of ``x [B, S, d]`` as persona ``row_ids[b]``."""
+    batch, seq, d = x.shape
+    ids = torch.tensor(row_ids, dtype=torch.int32).repeat_interleave(seq)
+    out = masked_ffn_reference(x.reshape(-1, d), mlp.gate_up, mlp.down_t, ids, mlp.keep_bits, mlp.scales,
+                               mlp.group_size, mlp.activation)
+    return out.view(batch, seq, d)
+
+
+@pytest.mark.parametrize("backend", STATE_BACKENDS)
+def test_backend_mixed_rows_match_rows_alone(backend: str) -> None:
+    model = small_attached(backend)
+    assert attachment(model).state.use_meta == (backend == "triton")
+    ids = tokens(batch=3, seq=5)
+    rows = ["p2", None, 3]
+    mixed = logits(model, ids, persona=rows)
+    for b, p in enumerate(rows):
+        torch.testing.assert_close(mixed[b : b + 1], logits(model, ids[b : b + 1], persona=p), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", STATE_BACKENDS)
+def test_switch_then_replay_reads_new_ids(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA-graph replay re-runs the device ops of the captured forward: the pre-hook's prepare
+    (expand-copy of ``row_ids``, StepMeta refill) and the MLP kernels, but none of the host logic
+    between. Simulated here: after a warm forward, ``set_persona`` alone, then the pre-hook and the
+    MLPs called directly, must compute the new personas, with exactly one prepare (the hook's)."""
+    model = small_attached(backend)
+    state = attachment(model).state
+    batch, seq = 2, 3
+    ids = tokens(batch=batch, seq=seq)
+    logits(model, ids, persona=["p1", "p1"])  # warm-up at this shape
+    x = torch.randn(batch, seq, 32, generator=torch.Generator().manual_seed(3))
+    mlps = [layer.mlp for layer in model.model.layers]
+    prepares = _Counter(monkeypatch, PersonaState, "prepare")
+    # spec None: no switch, the same shape again: the buffers must still be rewritten (a replay has no host keys)
+    for spec, row_ids in ((["p2", None], [2, 0]), ("p3", [3, 3]), ([1, 3], [1, 3]), (None, [1, 3])):
+        if spec is not None:
+            set_persona(model, spec)
+        state.token_ids_buffer.fill_(1)  # stale per-token ids: a refill keyed on host state would keep them
+        if state.meta is not None:
+            state.meta.token_ids.fill_(1)
+            state.meta.union_count.zero_()
+        before = prepares.calls
+        _forward_pre_hook(model, (), {"input_ids": ids})  # the captured hook's device work
+        with torch.no_grad():
+            outs = [mlp(x) for mlp in mlps]  # the captured MLP kernels
+        assert prepares.calls == before + 1
+        for mlp, out in zip(mlps, outs):
+            torch.testing.assert_close(out, _expected_mlp(mlp, x, row_ids), atol=ATOL, rtol=1e-4)
+    # and the model forward itself after a switch, with nothing else called
+    set_persona(model, ["p3", "p2"])
+    logits(model, ids)
+    set_persona(model, ["p2", "p3"])
+    after = logits(model, ids)
+    torch.testing.assert_close(after[:1], logits(model, ids[:1], persona="p2"), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(after[1:], logits(model, ids[1:], persona="p3"), atol=ATOL, rtol=1e-4)
+
+
+def test_one_step_meta_prepare_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton path: one shared StepMeta for every layer, prepared once per model forward (prefill and decode)."""
+    model = small_attached("triton")
+    state = attachment(model).state
+    counter = _Counter(monkeypatch, StepMeta, "prepare")
+    prompt = tokens(batch=2, seq=36)  # 72 tokens with 4 personas: the prefill path
+    with torch.no_grad():
+        out = model(input_ids=prompt, persona=["p1", "p3"], use_cache=True)
+        assert counter.calls == 1 and state.meta.n_tokens == 72 and state.meta.n_layers == 2
+        meta = state.meta
+        step = out.logits[:, -1:].argmax(-1)
+        cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        model(input_ids=step, persona=["p1", "p3"], use_cache=True, **{cache_kw: out.past_key_values})
+    assert counter.calls == 2 and state.meta is meta  # the decode step reuses the buffers
+    torch.testing.assert_close(out.logits[:1], logits(model, prompt[:1], persona="p1"), atol=ATOL, rtol=1e-4)
+
+
+def test_set_persona_allocates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = small_attached("reference")
+    ids = tokens(batch=4, seq=3)
+    logits(model, ids, persona=["p1", "p2", None, 3])
+    state = attachment(model).state
+    rows_ptr = state.row_ids.data_ptr()
+    params = [(name, p.data_ptr()) for name, p in model.named_parameters()]
+    specs = ["p1", 2, None, "dense", ["p1", "p2", None, 3], ("p3", 0), [1, 1, 1, 1]]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("set_persona created a tensor")
+
+    with monkeypatch.context() as patch:
+        for name in ("tensor", "as_tensor", "zeros", "empty", "full", "ones"):
+            patch.setattr(torch, name, forbidden)
+        for _ in range(3):
+            for spec in specs:
+                set_persona(model, spec)
+    assert state.row_ids.data_ptr() == rows_ptr
+    assert [(name, p.data_ptr()) for name, p in model.named_parameters()] == params
+    assert current_persona(model) == [1, 1, 1, 1] and state.row_ids[:4].tolist() == [1, 1, 1, 1]
+    with pytest.raises(MaskBankError, match="out of range"):
+        set_persona(model, [1, 9])
+    with pytest.raises(MaskBankError, match="not in the bank"):
+        set_persona(model, ["p1", "nobody"])
+    assert current_persona(model) == [1, 1, 1, 1]
 
 
 # ---------------- the real default model (SmolLM2-135M-Instruct) ----------------

@@ -5,6 +5,11 @@ After :func:`attach_bank`, every decoder layer's MLP is a :class:`MaskedMLP` tha
 ``gate_proj``/``up_proj``/``down_proj`` weights are freed, so no second copy stays in memory).
 All layers share one :class:`PersonaState`: fixed device buffers holding the current persona id
 of each batch row. Choosing a persona writes a few integers into that buffer; no weight moves.
+One forward pre-hook on the model expands them to per-token ids (and, on the Triton backend,
+refills one ``StepMeta`` for all layers) with device ops at the start of every forward, so a
+CUDA graph captured around the forward stays right across persona switches. Capture after a
+warm-up forward at the largest shape (buffers grow, and move, only when a call needs more room
+than any before) and switch personas between replays, never inside a capture.
 
 Persona specs everywhere: a persona name, an id (0 = dense), ``None``/``"dense"`` (the dense
 model), or a list of those, one per batch row (row ``b`` of the batch uses entry ``b``; if the
@@ -34,61 +39,200 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..bank import DENSE_PERSONA_ID, MaskBank, MaskBankError
+from ..bank import DENSE_PERSONA_ID, DENSE_PERSONA_NAME, MaskBank, MaskBankError
 from ..fingerprint import ffn_fingerprint
 from ..layout import PackedFFN, pack_ffn, unpack_ffn
 from ..ops import masked_ffn, resolve_backend
+from ..step_meta import StepMeta
 
 _ATTR = "_persona_kernels_attachment"
 
 
 class PersonaState(nn.Module):
-    """The current persona of each batch row, in fixed device buffers shared by every :class:`MaskedMLP`.
+    """The current persona of each batch row and the per-step metadata, in device buffers shared by every layer.
 
-    ``row_ids``: int32 ``[capacity_rows]``, the first ``n_rows`` hold the current persona ids.
-    ``token_ids``: int32 ``[capacity_tokens]``, refilled in place with per-token ids (row ids
-    repeated over the sequence) once per forward shape. Buffers grow (reallocate) only when a call
-    needs more rows or tokens than ever before; a persona switch never reallocates.
+    Buffers (all on the model's device, addresses stable while capacity suffices):
+
+    - ``row_ids``: int32 ``[capacity_rows]``; the first ``len(host_ids)`` hold the current persona ids.
+      :meth:`set_ids` writes them (a ``fill_`` for one persona, else a non-blocking copy from a
+      pinned host staging ring on CUDA; a plain store into the buffer's memory on the CPU).
+    - ``token_ids_buffer``: int32 ``[capacity_tokens]``; :meth:`prepare` refills its first
+      ``batch * seq`` entries from ``row_ids`` on every call (one expand-copy on the device).
+    - ``keep_bits``: int32 ``[L, P + 1, W]``, every layer's bitmaps (each :class:`MaskedMLP` holds a
+      view of its layer), digested by the shared :class:`~persona_kernels.step_meta.StepMeta`.
+    - ``meta`` (not a registered buffer): one ``StepMeta`` for all layers, refilled by
+      :meth:`prepare` when the model runs on the Triton backend (``use_meta``), else ``None``.
+
+    The model's forward pre-hook calls :meth:`prepare` once per forward, so the per-token ids and
+    the metadata are rewritten by device ops inside every forward: a CUDA graph captured around a
+    forward replays them too, and reads whatever ids :func:`set_persona` wrote into ``row_ids``
+    since. Buffers grow (reallocate, doubling) only when a call needs more rows or tokens than any
+    call before; capture graphs after a warm-up forward at the largest shape (or call
+    :meth:`reserve`), and never switch persona inside a capture.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", capacity_rows: int = 64, capacity_tokens: int = 4096):
+    STAGING_SLOTS = 4
+    """Pinned host staging rows on CUDA: a slot is reused only after its previous copy ran."""
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        capacity_rows: int = 64,
+        capacity_tokens: int = 4096,
+        keep_bits: torch.Tensor | None = None,
+        n_groups: int = 0,
+    ):
         super().__init__()
         self.register_buffer("row_ids", torch.zeros(capacity_rows, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("token_ids_buffer", torch.zeros(capacity_tokens, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("keep_bits", keep_bits, persistent=False)
+        self.n_groups = n_groups
+        self.use_meta = False
+        self.meta: StepMeta | None = None
         self.host_ids: list[int] = [DENSE_PERSONA_ID]
         self.version = 0
-        self._filled: tuple[int, int, int, int] | None = None
+        self.prepared_tokens = -1  # tokens of the last prepare; -1: none since the last switch or growth
+        self.token_view: torch.Tensor | None = None
+        self._bind()
 
-    def set_ids(self, ids: Sequence[int]) -> None:
-        """Write validated persona ids (one, or one per batch row) into the device buffer."""
-        ids = [int(i) for i in ids]
-        if not ids:
+    # ---------------------------------------------------------------- plain-attribute aliases
+
+    def _bind(self) -> None:
+        """Refresh the hot-path aliases of the buffers (after init, growth, or ``model.to``).
+
+        The hot paths read and write plain instance attributes (``__dict__``), never through
+        ``nn.Module.__getattr__``/``__setattr__``, which cost a microsecond or more each.
+        """
+        d = self.__dict__
+        rows = self._buffers["row_ids"]
+        d["_rows"] = rows
+        d["_tokens"] = self._buffers["token_ids_buffer"]
+        d["_cuda"] = rows.device.type == "cuda"
+        d["_row_np"] = None if d["_cuda"] else _numpy_view(rows)
+        d["_staging"] = d["_staging_np"] = None
+        d["_events"] = []
+        d["_slot"] = 0
+        if d["_cuda"]:
+            staging = torch.zeros(self.STAGING_SLOTS, rows.numel(), dtype=torch.int32, pin_memory=True)
+            d["_staging"] = list(staging.unbind(0))
+            d["_staging_np"] = _numpy_view(staging)
+            d["_events"] = [torch.cuda.Event() for _ in range(self.STAGING_SLOTS)]
+        if self.meta is not None and self.meta.token_ids.device != rows.device:
+            d["meta"] = None
+        d["prepared_tokens"] = -1
+        d["token_view"] = None
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ...), then re-bind the aliases to the moved buffers."""
+        result = super()._apply(fn, recurse)
+        if self._rows is not self._buffers["row_ids"] or self._tokens is not self._buffers["token_ids_buffer"]:
+            self._bind()
+        return result
+
+    # ----------------------------------------------------------------------------- capacity
+
+    def reserve(self, rows: int, tokens: int) -> None:
+        """Grow the buffers (never shrink) to hold ``rows`` persona rows and ``tokens`` tokens per forward.
+
+        Call it (or run one forward at the largest shape) before capturing CUDA graphs: growth
+        reallocates, and a captured graph keeps reading the old addresses.
+        """
+        if rows > self._rows.numel():
+            self._buffers["row_ids"] = _grown(self._rows, rows)
+            self._buffers["row_ids"][: self._rows.numel()].copy_(self._rows)
+        if tokens > self._tokens.numel():
+            self._buffers["token_ids_buffer"] = _grown(self._tokens, tokens)
+        if self._rows is not self._buffers["row_ids"] or self._tokens is not self._buffers["token_ids_buffer"]:
+            self._bind()
+        if self.use_meta and tokens > 0:
+            self._ensure_meta(tokens)
+
+    def _ensure_meta(self, tokens: int) -> StepMeta:
+        meta = self.meta
+        if meta is None or meta.max_tokens < tokens:
+            from ..backends.triton_backend import PREFILL_BLOCK_M
+
+            capacity = tokens if meta is None else max(tokens, 2 * meta.max_tokens)
+            meta = StepMeta.make(capacity, self.n_groups, self.keep_bits.shape[1], self._rows.device,
+                                 n_layers=self.keep_bits.shape[0], block_m=PREFILL_BLOCK_M, prefill=True)
+            self.__dict__["meta"] = meta
+        return meta
+
+    # ----------------------------------------------------------------------------- hot paths
+
+    def set_ids(self, ids: list[int]) -> None:
+        """Make ``ids`` (validated persona ids: one, or one per batch row) current; host work only plus
+        one device op (``fill_`` or a non-blocking copy from pinned memory). Allocates nothing once
+        the row capacity suffices. ``ids`` is kept (not copied): do not mutate it afterwards."""
+        n = len(ids)
+        if n == 0:
             raise ValueError("a persona list needs at least one entry")
-        if len(ids) > self.row_ids.numel():
-            self.row_ids = torch.zeros(max(len(ids), 2 * self.row_ids.numel()), dtype=torch.int32, device=self.row_ids.device)
-        self.row_ids[: len(ids)].copy_(torch.tensor(ids, dtype=torch.int32))
-        self.host_ids = ids
-        self.version += 1
+        d = self.__dict__
+        if n > d["_rows"].numel():
+            self.reserve(n, 0)
+        if d["_cuda"]:
+            if n == 1:
+                d["_rows"].fill_(ids[0])
+            else:
+                slot = d["_slot"]
+                d["_slot"] = (slot + 1) % self.STAGING_SLOTS
+                event = d["_events"][slot]
+                event.synchronize()  # the slot's previous copy has read it (returns at once if never recorded)
+                d["_staging_np"][slot, :n] = ids
+                d["_rows"].copy_(d["_staging"][slot], non_blocking=True)
+                event.record()
+        elif n == 1:
+            d["_row_np"][0] = ids[0]
+        else:
+            d["_row_np"][:n] = ids
+        d["host_ids"] = ids
+        d["version"] += 1
+        d["prepared_tokens"] = -1
 
-    def token_ids(self, batch: int, seq: int) -> torch.Tensor:
-        """Per-token ids ``[batch * seq]`` (a view of the fixed buffer) for a ``[batch, seq, d]`` input."""
-        rows = len(self.host_ids)
+    def prepare(self, batch: int, seq: int) -> torch.Tensor:
+        """Refill the per-token ids (and, on the Triton path, the shared ``StepMeta``) for a ``[batch, seq]`` forward.
+
+        Always rewrites the buffers with device ops (an expand-copy of ``row_ids``; the StepMeta's
+        sort/scan/scatter), so it is graph-capturable, needs no host sync, and allocates no buffer
+        while capacity suffices. Returns the per-token ids ``[batch * seq]`` (a view of the fixed buffer).
+        Raises ``ValueError`` when the persona list does not cover the batch.
+        """
+        d = self.__dict__
+        rows = len(d["host_ids"])
         if batch % rows:
             raise ValueError(
                 f"persona list has {rows} entries but the batch has {batch} rows; give one persona per row "
                 "(or a single persona for the whole batch)"
             )
         total = batch * seq
-        key = (batch, seq, self.version, self.token_ids_buffer.data_ptr())
-        if self._filled != key:
-            if total > self.token_ids_buffer.numel():
-                self.token_ids_buffer = torch.zeros(
-                    max(total, 2 * self.token_ids_buffer.numel()), dtype=torch.int32, device=self.token_ids_buffer.device
-                )
-            view = self.token_ids_buffer[:total].view(rows, batch // rows, seq)
-            view.copy_(self.row_ids[:rows].view(rows, 1, 1).expand(rows, batch // rows, seq))
-            self._filled = (batch, seq, self.version, self.token_ids_buffer.data_ptr())
-        return self.token_ids_buffer[:total]
+        if total > d["_tokens"].numel():
+            self.reserve(rows, total)
+        view = d["_tokens"][:total]
+        if total:
+            repeat = batch // rows
+            view.view(rows, repeat, seq).copy_(d["_rows"][:rows].view(rows, 1, 1).expand(rows, repeat, seq))
+            if d["use_meta"]:
+                meta = d["meta"]
+                if meta is None or meta.max_tokens < total:
+                    meta = self._ensure_meta(total)
+                meta.prepare(view, self.keep_bits)
+        d["token_view"] = view
+        d["prepared_tokens"] = total
+        return view
+
+    def token_ids(self, batch: int, seq: int) -> torch.Tensor:
+        """Deprecated alias of :meth:`prepare` (the model's forward pre-hook calls it already)."""
+        return self.prepare(batch, seq)
+
+
+def _numpy_view(tensor: torch.Tensor):
+    """A NumPy array sharing ``tensor``'s (CPU) memory, for stores without creating tensors."""
+    return tensor.numpy()
+
+
+def _grown(buffer: torch.Tensor, needed: int) -> torch.Tensor:
+    """A zeroed buffer like ``buffer`` with room for ``needed`` entries (at least double)."""
+    return torch.zeros(max(needed, 2 * buffer.numel()), dtype=buffer.dtype, device=buffer.device)
 
 
 class MaskedMLP(nn.Module):
@@ -110,6 +254,7 @@ class MaskedMLP(nn.Module):
         permutation: torch.Tensor | None = None,
         backend: str | None = None,
         original: nn.Module | None = None,
+        layer_index: int = 0,
     ):
         super().__init__()
         self.gate_up = nn.Parameter(packed.gate_up, requires_grad=False)
@@ -121,6 +266,7 @@ class MaskedMLP(nn.Module):
         self.activation = packed.activation
         self.group_size = group_size
         self.backend = backend
+        self.layer_index = layer_index
         # The emptied original MLP, kept (unregistered) so detach_bank can restore it.
         object.__setattr__(self, "_original", original)
 
@@ -134,22 +280,39 @@ class MaskedMLP(nn.Module):
         return unpack_ffn(PackedFFN(self.gate_up.detach(), self.down_t.detach(), self.activation), self.permutation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, S, d]`` (or ``[T, d]``, one row) -> ``[B, S, d]``; row ``b`` uses the state's persona of row ``b``."""
+        """``x [B, S, d]`` (or ``[T, d]``, one row) -> same shape; row ``b`` uses the state's persona of row ``b``.
+
+        Reads the per-token ids (and on the Triton path the shared ``StepMeta``, at ``layer_index``)
+        that the model's forward pre-hook prepared. Only when none were prepared for this call (the
+        MLP run outside the attached model's forward, or after a switch with no forward since) does
+        it call :meth:`PersonaState.prepare` itself.
+        """
         shape = x.shape
-        batch = shape[0] if x.dim() >= 3 else 1
         tokens = x.reshape(-1, shape[-1])
-        ids = self.persona_state.token_ids(batch, tokens.shape[0] // batch if batch else 0)
-        out = masked_ffn(
-            tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
-            group_size=self.group_size, activation=self.activation, backend=self.backend, check_ids=False,
-        )
+        n_tokens = tokens.shape[0]
+        state = self.persona_state
+        ids = state.token_view
+        if state.prepared_tokens != n_tokens:
+            batch = shape[0] if x.dim() >= 3 else 1
+            ids = state.prepare(batch, n_tokens // batch if batch else 0)
+        if state.use_meta:
+            out = _masked_ffn_triton(
+                tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
+                group_size=self.group_size, activation=self.activation, meta=state.meta, layer=self.layer_index,
+            )
+        else:
+            out = masked_ffn(
+                tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
+                group_size=self.group_size, activation=self.activation, backend=self.backend, check_ids=False,
+            )
         return out.view(shape)
 
     def extra_repr(self) -> str:
         d_ff, _, d = self.gate_up.shape
         return (
             f"d_model={d}, d_ff={d_ff}, group_size={self.group_size}, activation={self.activation}, "
-            f"personas={self.keep_bits.shape[0]}, scales={self.scales is not None}, backend={self.backend}"
+            f"personas={self.keep_bits.shape[0]}, scales={self.scales is not None}, backend={self.backend}, "
+            f"layer_index={self.layer_index}"
         )
 
 
@@ -161,6 +324,7 @@ class Attachment:
     state: PersonaState
     fingerprint: str
     backend: str | None
+    lookup: dict = field(default_factory=dict)  # name / id / None -> validated id, built once at attach
     hooks: list = field(default_factory=list)
     saved: list = field(default_factory=list)  # persona stack for per-call `persona=` kwargs
 
@@ -180,6 +344,13 @@ def attached_bank(model: nn.Module) -> MaskBank:
     return _require(model).bank
 
 
+def _masked_ffn_triton(*args, **kwargs) -> torch.Tensor:
+    """:func:`persona_kernels.backends.triton_backend.masked_ffn_triton`, imported on first use."""
+    from ..backends.triton_backend import masked_ffn_triton
+
+    return masked_ffn_triton(*args, **kwargs)
+
+
 def _require(model: nn.Module) -> Attachment:
     info = attachment(model)
     if info is None:
@@ -196,7 +367,9 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
 
     Refuses (with the bank's :class:`~persona_kernels.bank.ModelMismatchError`) a bank made for a
     different model, before changing anything. ``backend`` is passed to every
-    :func:`~persona_kernels.masked_ffn` call (``None``: the dispatcher's choice).
+    :func:`~persona_kernels.masked_ffn` call (``None``: the dispatcher's choice). When the backend
+    resolves to ``triton`` (``None`` on a GPU), the layers instead call the Triton launcher with one
+    ``StepMeta`` shared by all layers, prepared once per forward (see :class:`PersonaState`).
     """
     from .ffn import find_ffn_layers, ffn_weights, model_ffn_shape, model_name
 
@@ -212,7 +385,7 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
     keep_bits = bank.keep_bits(device)  # [L, P + 1, words]
     scales = bank.scales_table(device)  # [L, P + 1, d_ff] or None
     permutation = None if bank.permutation is None else bank.permutation.to(device)
-    state = PersonaState(device)
+    state = PersonaState(device, keep_bits=keep_bits, n_groups=bank.n_groups)
     for layer in layers:
         mlp = layer.mlp
         perm = None if permutation is None else permutation[layer.index]
@@ -234,8 +407,10 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
             perm,
             backend,
             original=mlp,
+            layer_index=layer.index,
         )
-    info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend)
+    info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend, lookup=_persona_lookup(bank))
+    _configure_state(state, backend)
     object.__setattr__(model, _ATTR, info)
     info.hooks.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))
     info.hooks.append(model.register_forward_hook(_forward_hook, always_call=True))
@@ -274,6 +449,19 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
     info.backend = backend
     for layer in layers:
         layer.mlp.backend = backend
+    _configure_state(info.state, backend)
+
+
+def _configure_state(state: PersonaState, backend: str | None) -> None:
+    """Switch the shared-``StepMeta`` Triton path on when ``backend`` resolves to ``triton`` on the state's device.
+
+    Resolved here, once: a ``PERSONA_KERNELS_BACKEND`` set later does not re-route the attached model.
+    """
+    use_meta = resolve_backend(state.row_ids.device, backend) == "triton"
+    state.__dict__["use_meta"] = use_meta
+    state.__dict__["prepared_tokens"] = -1  # the next forward refills what the new path reads
+    if not use_meta:
+        state.__dict__["meta"] = None
 
 
 def resolve_persona_ids(bank: MaskBank, persona) -> list[int]:
@@ -293,13 +481,51 @@ def resolve_persona_ids(bank: MaskBank, persona) -> list[int]:
     return [bank.persona_id(int(index))]
 
 
+def _persona_lookup(bank: MaskBank) -> dict:
+    """``{name: id, id: id, None: 0, "dense": 0}`` for every persona of ``bank`` as attached."""
+    lookup: dict = {None: DENSE_PERSONA_ID, DENSE_PERSONA_NAME: DENSE_PERSONA_ID}
+    lookup.update({i: i for i in range(len(bank.personas) + 1)})
+    lookup.update({name: i + 1 for i, name in enumerate(bank.names)})
+    return lookup
+
+
+_FAST_TYPES = (str, int, type(None))
+
+
+def _resolve_fast(info: Attachment, persona) -> list[int]:
+    """:func:`resolve_persona_ids` against the attach-time lookup: dict hits for names, ids and None;
+    anything unusual (tensors, NumPy ints, errors) goes through the general resolver."""
+    lookup = info.lookup
+    kind = type(persona)
+    if kind in _FAST_TYPES:
+        pid = lookup.get(persona)
+        if pid is not None:
+            return [pid]
+    elif kind is list or kind is tuple:
+        ids = [lookup.get(entry) if type(entry) in _FAST_TYPES else None for entry in persona]
+        if ids and None not in ids:
+            return ids
+    ids = resolve_persona_ids(info.bank, persona)
+    n_ids = info.state.keep_bits.shape[1]  # ids 0..P have bitmaps on the device
+    bad = [i for i in ids if not 0 <= i < n_ids]
+    if bad:  # a persona added to the bank after attach has no bitmap on the device
+        raise MaskBankError(f"persona id {bad[0]} out of range: the attached bank has ids 0..{n_ids - 1}")
+    return ids
+
+
 def set_persona(model: nn.Module, persona) -> list[int]:
     """Make ``persona`` (see module docstring) the current persona of ``model``; return the ids set.
 
-    Writes integers into the persona buffer only; no weight tensor is touched.
+    Validates on the host (a dict lookup built at attach), then writes the ids into the fixed
+    ``row_ids`` buffer (one ``fill_``, or a non-blocking copy from pinned memory on CUDA; no tensor
+    is created, no weight touched). The next forward's pre-hook expands them to per-token ids on the
+    device, so a CUDA graph replayed after this call reads the new ids. Do not call it while a CUDA
+    graph is being captured. The returned list is the state's own: do not mutate it.
     """
-    info = _require(model)
-    ids = resolve_persona_ids(info.bank, persona)
+    info = getattr(model, _ATTR, None)
+    if info is None:
+        info = _require(model)
+    ids = _resolve_fast(info, persona)
     info.state.set_ids(ids)
     return ids
 
@@ -324,13 +550,32 @@ def persona(model: nn.Module, persona_spec) -> Iterator[list[int]]:
 _UNSET = object()
 
 
+def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """``(batch, seq)`` of a causal LM forward call (``input_ids`` or ``inputs_embeds``), or None."""
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            return None
+        return (ids.shape[0], ids.shape[1]) if ids.dim() >= 3 else (1, ids.shape[0])
+    return (ids.shape[0], ids.shape[1]) if ids.dim() >= 2 else (1, ids.shape[0])
+
+
 def _forward_pre_hook(model, args, kwargs):
+    """Once per model forward: apply a ``persona=`` keyword, then :meth:`PersonaState.prepare` the
+    per-token ids (and the shared Triton ``StepMeta``) for the call's ``[batch, seq]`` on the device."""
     info = attachment(model)
-    spec = kwargs.pop("persona", _UNSET) if info is not None else _UNSET
-    if info is not None:
-        info.saved.append(None if spec is _UNSET else list(info.state.host_ids))
-        if spec is not _UNSET:
-            set_persona(model, spec)  # on failure the always-called forward hook pops the entry
+    if info is None:
+        return args, kwargs
+    spec = kwargs.pop("persona", _UNSET)
+    info.saved.append(None if spec is _UNSET else info.state.host_ids)
+    if spec is not _UNSET:
+        set_persona(model, spec)  # on failure the always-called forward hook pops the entry
+    shape = _input_shape(args, kwargs)
+    if shape is not None:
+        info.state.prepare(*shape)
     return args, kwargs
 
 
