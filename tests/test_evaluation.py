@@ -315,6 +315,30 @@ def test_evaluate_then_rescore(tiny, tmp_path):
     assert 0 <= persona["rouge_l"] <= 1
     assert report["meta"]["judge"].startswith("none")
 
+    # A second bank's run reuses the dense answers of the first (same model and max_new_tokens) ...
+    import pruner.evaluation.runner as runner
+
+    generated: list[int] = []
+    real = runner.generate_batched
+
+    def counting(model_, tokenizer_, prompts, ids, *args, **kwargs):
+        generated.extend(ids)
+        return real(model_, tokenizer_, prompts, ids, *args, **kwargs)
+
+    runner.generate_batched = counting
+    try:
+        out2 = tmp_path / "out2"
+        evaluate(EvalSettings(str(data), None, str(out2), [PERSONA], max_questions=2, max_new_tokens=4, batch_size=4),
+                 model=model, tokenizer=tokenizer, bank=bank, reuse_from=[str(out)])
+        assert 0 not in generated and len(generated) == 12  # masks only
+        assert load_answers(out2 / "answers" / PERSONA / "dense.jsonl") == load_answers(out / "answers" / PERSONA / "dense.jsonl")
+        generated.clear()  # ... but not when max_new_tokens differs (and a rerun in place regenerates then)
+        evaluate(EvalSettings(str(data), None, str(out2), [PERSONA], max_questions=2, max_new_tokens=3, batch_size=4),
+                 model=model, tokenizer=tokenizer, bank=bank, reuse_from=[str(out)])
+        assert generated.count(0) == 6 and len(generated) == 18
+    finally:
+        runner.generate_batched = real
+
     # Rescore with hand-made answers: ROUGE-L must follow the text, with no regeneration.
     rolebench = [a for a in load_answers(out / "answers" / PERSONA / "persona.jsonl")]
     from pruner.evaluation.generate import save_answers

@@ -114,13 +114,23 @@ def _reusable(path: Path, items: Sequence[EvalItem], systems: Sequence[str | Non
     return ordered
 
 
+def same_generation(run_dir: Path, max_new_tokens: int, model_dir: str | None) -> bool:
+    """Whether ``run_dir/run.json`` records answers generated like ours (same model, same ``max_new_tokens``)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return False
+    run = json.loads(path.read_text())
+    return run.get("max_new_tokens") == max_new_tokens and run.get("model_dir") == model_dir
+
+
 def generate_all(model, tokenizer, bank: MaskBank, select, personas: Sequence[str], data_dir: str, out_dir: Path,
                  max_questions: int | None, max_new_tokens: int, batch_size: int,
-                 reuse_from: Sequence[Path] = ()) -> None:
+                 reuse_from: Sequence[Path] = (), resume: bool = True) -> None:
     """Generate (or reuse) every persona's answers for dense, its mask and its baselines, in mixed-persona batches.
 
-    Saved answers in ``out_dir`` or in a ``reuse_from`` directory (made with the same
-    ``max_new_tokens``) are reused when they cover the same questions and prompts.
+    Saved answers in ``out_dir`` (if ``resume``) or dense answers in a ``reuse_from`` directory
+    are reused when they cover the same questions and prompts; the caller checks that they were
+    generated with the same model and ``max_new_tokens`` (:func:`same_generation`).
     """
     records = load_personas(data_dir)
     jobs: list[tuple[str, str, str, EvalItem, str | None]] = []  # persona, method, entry, item, system
@@ -130,7 +140,7 @@ def generate_all(model, tokenizer, bank: MaskBank, select, personas: Sequence[st
         methods = {DENSE: DENSE, **persona_methods(bank, persona)}
         for method, entry in methods.items():
             target = _answers_path(out_dir, persona, method)
-            found = _reusable(target, items, systems)
+            found = _reusable(target, items, systems) if resume else None
             if found is None and method == DENSE:
                 for other in reuse_from:
                     found = _reusable(_answers_path(Path(other), persona, method), items, systems)
@@ -316,13 +326,17 @@ def evaluate(settings: EvalSettings, judge=None, model=None, tokenizer=None, ban
     if missing:
         raise ValueError(f"the bank has no entries for persona(s) {missing}; it holds {bank.names}")
     select = attach_for_eval(model, bank, settings.backend)
+    resume = same_generation(out_dir, settings.max_new_tokens, settings.model_dir)
+    reusable = [Path(p) for p in reuse_from if same_generation(Path(p), settings.max_new_tokens, settings.model_dir)]
+    for other in set(map(str, reuse_from)) - set(map(str, reusable)):
+        _log(f"not reusing {other}: made with another model or max_new_tokens (or has no run.json)")
     (out_dir / "run.json").write_text(json.dumps({
         "data_dir": str(settings.data_dir), "bank_path": settings.bank_path, "model_dir": settings.model_dir,
         "personas": list(personas), "max_questions": settings.max_questions, "max_new_tokens": settings.max_new_tokens,
         "command": settings.command, "notes": settings.notes,
     }, indent=2) + "\n")
     generate_all(model, tokenizer, bank, select, personas, settings.data_dir, out_dir, settings.max_questions,
-                 settings.max_new_tokens, settings.batch_size, [Path(p) for p in reuse_from])
+                 settings.max_new_tokens, settings.batch_size, reusable, resume)
     _log("scoring")
     results, entries = score_all(out_dir, personas, settings.data_dir, model, tokenizer, bank, select, judge,
                                  settings.fidelity_rows)
