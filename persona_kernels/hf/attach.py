@@ -456,12 +456,11 @@ def _configure_state(state: PersonaState, backend: str | None) -> None:
     """Switch the shared-``StepMeta`` Triton path on when ``backend`` resolves to ``triton`` on the state's device.
 
     Resolved here, once: a ``PERSONA_KERNELS_BACKEND`` set later does not re-route the attached model.
+    An existing ``StepMeta`` is kept (not freed) while another backend runs, so a CUDA graph captured
+    on the Triton path still finds its buffers when the backend is switched back.
     """
-    use_meta = resolve_backend(state.row_ids.device, backend) == "triton"
-    state.__dict__["use_meta"] = use_meta
+    state.__dict__["use_meta"] = resolve_backend(state.row_ids.device, backend) == "triton"
     state.__dict__["prepared_tokens"] = -1  # the next forward refills what the new path reads
-    if not use_meta:
-        state.__dict__["meta"] = None
 
 
 def resolve_persona_ids(bank: MaskBank, persona) -> list[int]:
