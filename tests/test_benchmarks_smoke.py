@@ -79,7 +79,7 @@ def test_switch_moves_no_weights_and_outputs_match_reference(smoke_run):
     checks = [r for r in rows if r["kind"] in ("graph_switch_check", "ffn_graph_switch_check")]
     assert len(checks) >= 14 and all(r["ok"] for r in checks)
     assert all(r["graph_captured"] for r in checks)
-    assert all(r["err_replay_refreshed"] <= r["tolerance"] for r in checks if r["kind"] == "graph_switch_check")
+    assert all(r["err_replay"] <= r["tolerance"] for r in checks if r["kind"] == "graph_switch_check")
     # the check can tell personas apart: switching changes the reference output far beyond the tolerance
     effects = [r["persona_effect_vs_previous"] for r in checks if r.get("persona_effect_vs_previous") is not None]
     assert effects and min(effects) > 10 * checks[0]["tolerance"]
@@ -106,7 +106,7 @@ def test_decode_falls_back_to_eager_when_capture_fails(tmp_path):
     threads = torch.get_num_threads()
     try:
         code = decode.main(["--smoke", "--graph", "on", "--batches", "1", "--mixes", "identical",
-                            "--shared-meta-mixes", "identical", "--new-tokens", "4", "--out", str(tmp_path)])
+                            "--new-tokens", "4", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -114,9 +114,6 @@ def test_decode_falls_back_to_eager_when_capture_fails(tmp_path):
     timed = [r for r in rows if "mix" in r and "kind" not in r]
     assert [(r["mix"], r["variant"]) for r in timed][:2] == [("dense_model", "dense"), ("identical", "attach")]
     assert timed[0]["capture_error"] and all(r["mode"] == "eager" and r["tokens_per_s"] > 0 for r in timed)
-    # the one-StepMeta-per-step variant (Triton, here through its interpreter) decodes the same tokens
-    shared = [r for r in timed if r["variant"] == "shared_meta"]
-    assert [r["tokens_match_attach"] for r in shared] == [True] or any(r.get("kind") == "shared_meta_skipped" for r in rows)
 
 
 def test_memory_lines_add_up(smoke_run):

@@ -8,8 +8,7 @@
 - :mod:`.summary`: the short table the GPU suite prints last.
 
 Shared pieces: :mod:`.models` (model shapes, random models, random correlated mask banks, persona
-mixes), :mod:`.decode_loop` (greedy decode with a static KV cache, optionally one CUDA graph per
-decode step) and :mod:`.shared_meta` (a decode variant with one Triton ``StepMeta`` per step for all
-layers). ``python -m benchmarks.bench_serving`` runs them together; ``benchmarks/gpu_suite.sh`` runs
+mixes) and :mod:`.decode_loop` (greedy decode with a static KV cache, optionally one CUDA graph per
+decode step). ``python -m benchmarks.bench_serving`` runs them together; ``benchmarks/gpu_suite.sh`` runs
 everything GPU-side in one time-boxed call.
 """

@@ -9,10 +9,10 @@ For each model: the dense model first (stock MLPs, cuBLAS), then the same model 
 structured bank attached in place (:func:`persona_kernels.hf.attach_bank`: 64 correlated personas
 plus 8 independent ones, density 0.5, G = 16) under the persona mixes of
 :data:`benchmarks.serving.models.MIXES` (all identical, uniform over 8, Zipf over 64, all distinct,
-uniform over 8 independent masks, all dense persona 0), batch sizes 1 to 64. Variant
-``shared_meta`` (``--shared-meta-mixes``, Triton only): the same attached model with one
-``StepMeta`` prepared per step for all layers instead of one per layer
-(:mod:`benchmarks.serving.shared_meta`); its tokens must equal the plain attached model's.
+uniform over 8 independent masks, all dense persona 0), batch sizes 1 to 64. On the Triton
+backend the attached model prepares one ``StepMeta`` per forward for all layers (its forward
+pre-hook, captured with each decode step), so nothing runs between a switch or a prefill and the
+graph replays.
 
 Decode: greedy, ``--prompt-len`` random prompt tokens then ``--new-tokens`` new ones, static KV
 cache, every decode step one CUDA graph replay (:class:`benchmarks.serving.decode_loop.StaticGreedyDecoder`;
@@ -40,7 +40,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import Deadline, JsonlWriter, default_out_dir, format_table, plot_series  # noqa: E402
-from benchmarks.serving import shared_meta  # noqa: E402
 from benchmarks.serving.decode_loop import StaticGreedyDecoder  # noqa: E402
 from benchmarks.serving.models import (  # noqa: E402
     DEFAULT_DENSITY,
@@ -93,11 +92,11 @@ class _Timer:
             self.ms = (time.perf_counter() - self._t0) * 1e3
 
 
-def run_config(model, batch: int, prompt: torch.Tensor, args, use_graph: bool, before_decode=None) -> dict:
+def run_config(model, batch: int, prompt: torch.Tensor, args, use_graph: bool) -> dict:
     """Decode one configuration; returns timing, mode and the graph-vs-eager token check."""
     device = prompt.device
     n_steps = args.new_tokens - 1
-    decoder = StaticGreedyDecoder(model, batch, args.prompt_len, args.new_tokens, before_decode=before_decode)
+    decoder = StaticGreedyDecoder(model, batch, args.prompt_len, args.new_tokens)
     result: dict = {"mode": "eager", "capture_error": None}
     try:
         if use_graph:
@@ -151,7 +150,6 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
     """Dense runs, then attach the bank and run every mix; configurations are skipped once time runs out."""
     from persona_kernels import resolve_backend
     from persona_kernels.hf import attach_bank, set_persona
-    from persona_kernels.hf.attach import attachment
 
     device = args.device
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -171,29 +169,22 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
     estimate = 5.0
     graph_ok = use_graph
 
-    token_hashes: dict[tuple[int, str], int] = {}
-
-    def run(batch, mix, ids, bank, before_decode, variant="attach"):
+    def run(batch, mix, ids, bank, variant="attach"):
         nonlocal estimate, graph_ok
         if deadline.expired(estimate):
             rows.append(log.write({**common, "batch": batch, "mix": mix, "variant": variant, "skipped": "time budget"}))
             return
         start = time.monotonic()
         density = 1.0 if bank is None else union_density(bank, ids)
-        backend = {"attach": resolve_backend(device) if bank is not None else None, "dense": "dense (torch)",
-                   "shared_meta": "triton, one StepMeta per step"}[variant]
+        backend = {"attach": resolve_backend(device) if bank is not None else None, "dense": "dense (torch)"}[variant]
         record = {**common, "batch": batch, "mix": mix, "variant": variant, "distinct_personas": len(set(ids)) if ids else 0,
                   "union_density": density, "bank": bank is not None, "backend": backend,
                   "bytes_per_step_bound": shape.decode_step_bytes(batch, cache_len, density)}
         try:
-            result = run_config(model, batch, prompts[batch], args, graph_ok, before_decode)
+            result = run_config(model, batch, prompts[batch], args, graph_ok)
             if result.get("capture_error"):
                 graph_ok = False  # a failed capture can leave the stream unusable for more captures
             record.update(result)
-            if variant == "attach":
-                token_hashes[(batch, mix)] = result["tokens_hash"]
-            elif (batch, mix) in token_hashes:
-                record["tokens_match_attach"] = result["tokens_hash"] == token_hashes[(batch, mix)]
             if record.get("tpot_ms"):
                 record["achieved_tbps"] = record["bytes_per_step_bound"] / (record["tpot_ms"] * 1e-3) / 1e12
         except Exception as error:  # noqa: BLE001 - one failing config must not stop the others
@@ -207,19 +198,11 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
               f"union {density:.2f} {record.get('error', '')}", flush=True)
 
     for batch in batches:
-        run(batch, "dense_model", [], None, None, variant="dense")
+        run(batch, "dense_model", [], None, variant="dense")
 
     bank = bank_for_model(model, shape, density=args.density, group_size=args.group_size, overlap=args.overlap)
     attach_bank(model, bank)
-    state = attachment(model).state
     common.update(density=args.density, group_size=args.group_size, overlap=args.overlap, personas=len(bank.personas))
-    shared = None
-    if args.shared_meta_mixes:
-        ok, reason = shared_meta.available(device)
-        if ok:
-            shared = shared_meta.SharedStepMeta(model, max_tokens=max(batches) * args.prompt_len)
-        else:
-            rows.append(log.write({**common, "kind": "shared_meta_skipped", "reason": reason}))
     for batch in batches:
         mixes = _ordered([m for m in args.mixes if batch > 1 or m in ("identical", "dense_id0")], MIX_PRIORITY)
         for mix in mixes:
@@ -227,17 +210,7 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
                 continue
             ids = mix_ids(mix, batch, seed=batch)
             set_persona(model, ids)
-            run(batch, mix, ids, bank, lambda b=batch: state.token_ids(b, 1))
-        for mix in (args.shared_meta_mixes if shared is not None else []):
-            if batch == 1 and mix != "identical":
-                continue
-            ids = mix_ids(mix, batch, seed=batch)
-            set_persona(model, ids)
-            shared.install()
-            try:
-                run(batch, mix, ids, bank, lambda b=batch: state.token_ids(b, 1), variant="shared_meta")
-            finally:
-                shared.remove()
+            run(batch, mix, ids, bank)
 
     if args.check_generate:
         rows.append(log.write({**common, **check_against_generate(model, shape, args)}))
@@ -247,16 +220,14 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
 def check_against_generate(model, shape: ModelShape, args) -> dict:
     """Tokens of this loop vs ``model.generate(do_sample=False)`` (dense persona and a per-row mix)."""
     from persona_kernels.hf import set_persona
-    from persona_kernels.hf.attach import attachment
 
     device = args.device
     batch = 4
     prompt = torch.randint(0, shape.vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(5)).to(device)
-    state = attachment(model).state
     result = {"kind": "loop_vs_generate", "batch": batch}
     for label, ids in (("dense_id0", [0] * batch), ("uniform8", mix_ids("uniform8", batch, seed=3))):
         set_persona(model, ids)
-        decoder = StaticGreedyDecoder(model, batch, args.prompt_len, args.new_tokens, before_decode=lambda: state.token_ids(batch, 1))
+        decoder = StaticGreedyDecoder(model, batch, args.prompt_len, args.new_tokens)
         ours = decoder.generate(prompt, use_graph=False)
         theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
                                 min_new_tokens=args.new_tokens, do_sample=False, persona=ids, pad_token_id=0)
@@ -279,9 +250,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
                         help="capture each decode step as a CUDA graph (auto: on a GPU); eager when capture fails")
     parser.add_argument("--check-generate", action="store_true", help="also compare tokens with model.generate (default in smoke)")
-    parser.add_argument("--shared-meta-mixes", nargs="*", default=None, choices=MIXES,
-                        help="mixes also run with one StepMeta per step for all layers (Triton only; "
-                             "default uniform8 identical, none in smoke)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; configs that would not fit are skipped")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default=None)
@@ -293,8 +261,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (6 if args.smoke else 64)
     args.reps = args.reps or (1 if args.smoke else 3)
     args.check_generate = args.check_generate or args.smoke
-    if args.shared_meta_mixes is None:
-        args.shared_meta_mixes = [] if args.smoke else ["uniform8", "identical"]
     return args
 
 
@@ -339,7 +305,7 @@ def report(rows: list[dict], out_dir: Path, smoke: bool) -> int:
     timed = [r for r in rows if "mix" in r and "kind" not in r]
     print(f"\n== end-to-end greedy decode ({label})")
     print(format_table(timed, ["model", "batch", "mix", "variant", "mode", "union_density", "tpot_ms", "tokens_per_s",
-                               "speedup_vs_dense", "graph_matches_eager_tokens", "tokens_match_attach", "skipped", "error"]))
+                               "speedup_vs_dense", "graph_matches_eager_tokens", "skipped", "error"]))
     checks = [r for r in rows if r.get("kind") == "loop_vs_generate"]
     for check in checks:
         print("loop vs model.generate:", {k: v for k, v in check.items() if k.startswith("loop_matches")})
@@ -349,8 +315,7 @@ def report(rows: list[dict], out_dir: Path, smoke: bool) -> int:
     plot_series([r for r in timed if r.get("speedup_vs_dense") and r.get("mix") != "dense_model"], "batch", "speedup_vs_dense",
                 ["model", "mix", "variant"], out_dir / "decode_speedup.png", title="Decode throughput over the dense model (density 0.5)",
                 ylabel="speed-up (x)", logx=True, subtitle=label)
-    failed = [r for r in timed if r.get("error") or r.get("graph_matches_eager_tokens") is False
-              or r.get("tokens_match_attach") is False]
+    failed = [r for r in timed if r.get("error") or r.get("graph_matches_eager_tokens") is False]
     failed += [c for c in checks if not all(v for k, v in c.items() if k.startswith("loop_matches"))]
     print(f"\ndecode: {len(timed)} configs, {len(failed)} failed; wrote {out_dir}/decode.jsonl")
     return 1 if failed else 0

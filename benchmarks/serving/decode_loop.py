@@ -50,8 +50,9 @@ class StaticGreedyDecoder:
     """Greedy decoding of ``batch`` rows: ``prompt_len`` prompt tokens then ``new_tokens`` new ones.
 
     ``before_decode``: optional host callback run after every prefill and before decode steps are
-    captured or replayed (e.g. refreshing per-token persona ids that a prefill of another shape
-    overwrote). Token 0 of the output comes from the prefill, tokens ``1..`` from decode steps.
+    captured or replayed (an attached model needs none: its forward pre-hook re-expands persona ids
+    inside every step, captured too). Token 0 of the output comes from the prefill, tokens ``1..``
+    from decode steps.
     """
 
     def __init__(self, model, batch: int, prompt_len: int, new_tokens: int,
