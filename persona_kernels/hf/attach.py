@@ -60,8 +60,8 @@ class PersonaState(nn.Module):
       ``batch * seq`` entries from ``row_ids`` on every call (one expand-copy on the device).
     - ``keep_bits``: int32 ``[L, P + 1, W]``, every layer's bitmaps (each :class:`MaskedMLP` holds a
       view of its layer), digested by the shared :class:`~persona_kernels.step_meta.StepMeta`.
-    - ``meta`` (not a registered buffer): one ``StepMeta`` for all layers, refilled by
-      :meth:`prepare` when the model runs on the Triton backend (``use_meta``), else ``None``.
+    - ``meta`` (not a registered buffer): one ``StepMeta`` for all layers, made on first need and
+      refilled by :meth:`prepare` while the model runs on the Triton backend (``use_meta``).
 
     The model's forward pre-hook calls :meth:`prepare` once per forward, so the per-token ids and
     the metadata are rewritten by device ops inside every forward: a CUDA graph captured around a
@@ -193,8 +193,8 @@ class PersonaState(nn.Module):
         """Refill the per-token ids (and, on the Triton path, the shared ``StepMeta``) for a ``[batch, seq]`` forward.
 
         Always rewrites the buffers with device ops (an expand-copy of ``row_ids``; the StepMeta's
-        sort/scan/scatter), so it is graph-capturable, needs no host sync, and allocates no buffer
-        while capacity suffices. Returns the per-token ids ``[batch * seq]`` (a view of the fixed buffer).
+        sort/scan/scatter), so it is graph-capturable, needs no host sync, and allocates no
+        persistent buffer while capacity suffices (the StepMeta refill uses a few temporaries). Returns the per-token ids ``[batch * seq]`` (a view of the fixed buffer).
         Raises ``ValueError`` when the persona list does not cover the batch.
         """
         d = self.__dict__
@@ -519,14 +519,14 @@ def set_persona(model: nn.Module, persona) -> list[int]:
     ``row_ids`` buffer (one ``fill_``, or a non-blocking copy from pinned memory on CUDA; no tensor
     is created, no weight touched). The next forward's pre-hook expands them to per-token ids on the
     device, so a CUDA graph replayed after this call reads the new ids. Do not call it while a CUDA
-    graph is being captured. The returned list is the state's own: do not mutate it.
+    graph is being captured.
     """
     info = getattr(model, _ATTR, None)
     if info is None:
         info = _require(model)
     ids = _resolve_fast(info, persona)
     info.state.set_ids(ids)
-    return ids
+    return ids[:]  # the state keeps `ids` itself
 
 
 def current_persona(model: nn.Module) -> list[int]:
