@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", help="mask bank (.safetensors): entries <persona> and baselines <persona>@<method>")
     p.add_argument("--out", help="output directory (answers/, scores/, report.md/json/png)")
     p.add_argument("--rescore", metavar="DIR", help="re-score the saved answers in DIR and rewrite its report (no generation)")
+    p.add_argument("--combine", metavar="DIR,DIR", help="print one headline table (means over personas) over finished runs")
     p.add_argument("--model", help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=None, help=f"data directory (default: {DEFAULT_DATA} relative to the working directory)")
     p.add_argument("--personas", help="comma-separated persona ids (default: every persona in the bank)")
@@ -69,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     command = "persona-eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.combine:
+        import json
+
+        from pruner.evaluation.report import headline_markdown
+
+        dirs = [d for d in args.combine.split(",") if d]
+        print(headline_markdown({Path(d).name: json.loads((Path(d) / "report.json").read_text()) for d in dirs}), end="")
+        return 0
     judge = make_judge(args, device)
     from pruner.evaluation.runner import EvalSettings, evaluate, rescore
 

@@ -191,6 +191,10 @@ def test_summarize_paper_form():
     assert s["kl"]["mean"]["values"]["persona"] == pytest.approx(0.2)
     assert s["kl"]["mean"]["share"] == pytest.approx((0.3 - 0.2) / 0.3)
     assert "rouge_l" not in s
+    from pruner.evaluation.report import headline_markdown
+
+    table = headline_markdown({"s0.5": {"results": results, "summary": s}})
+    assert "| s0.5 | persona | 0.200 (share 0.33 vs wanda) | 0.800 (share 0.33 vs wanda) |" in table
 
 
 # ---------------------------------------------------------------- tiny model: generation, report, rescore

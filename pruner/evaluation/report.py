@@ -163,3 +163,30 @@ def write_report(out_dir: str | Path, results: Results, meta: Mapping) -> dict[s
     if png is not None:
         paths["png"] = png
     return paths
+
+
+def headline_markdown(reports: Mapping[str, Mapping]) -> str:
+    """One table over several runs (e.g. one per sparsity): each method's mean over personas per measure.
+
+    ``reports``: ``{label: report.json payload}``. Rows are ``(label, method)``; for each measure the
+    cell is the mean value and, for the persona mask, the share of the best baseline's drop removed.
+    """
+    measures = [m for m in MEASURES if any(m in r.get("summary", {}) for r in reports.values())]
+    header = ["run", "method"] + measures
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, report in reports.items():
+        summary = report.get("summary", {})
+        methods = method_order(report.get("results", {}))
+        for method in methods:
+            cells = [label, method]
+            for measure in measures:
+                row = summary.get(measure, {}).get(ALL)
+                if row is None:
+                    cells.append("–")
+                    continue
+                text = _fmt(row["values"].get(method))
+                if method == PERSONA and row.get("share") is not None:
+                    text += f" (share {row['share']:.2f} vs {row['best_baseline']})"
+                cells.append(text)
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
