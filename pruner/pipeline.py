@@ -121,7 +121,8 @@ class Pruner:
 
     def _checkpoint(self, persona_key: str, method: str) -> Path:
         c = self.config
-        settings = f"{method}|{c.sparsity}|{c.group_size}|{c.steps}|{c.lr}|{c.batch_size}|{c.ste}|{c.kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}|{c.scale_steps}|{c.scale_lr}"
+        # the step count is not part of the key: a rerun with more (or fewer) steps continues from the checkpoint
+        settings = f"{method}|{c.sparsity}|{c.group_size}|{c.lr}|{c.batch_size}|{c.ste}|{c.kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}|{c.scale_lr}"
         return self.cache_dir / "checkpoints" / f"{persona_key}_{text_hash(settings)}.pt"
 
     # ---- one persona ----------------------------------------------------------------------------
