@@ -28,13 +28,16 @@ _MODULES = {
 }
 _PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 _warned: set[str] = set()
+_loaded: dict[str, ModuleType] = {}
 
 
 def backend_module(name: str) -> ModuleType:
-    """Import and return the module implementing backend ``name``."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    return importlib.import_module(_MODULES[name])
+    """Import (once) and return the module implementing backend ``name``."""
+    if name not in _loaded:
+        if name not in _MODULES:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+        _loaded[name] = importlib.import_module(_MODULES[name])
+    return _loaded[name]
 
 
 def _usable(name: str) -> bool:

@@ -240,12 +240,6 @@ def test_dispatcher_rejects_unknown_activation():
         masked_ffn(**_good_inputs(), group_size=16, activation="relu", backend="reference")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.Unsupported,
-    reason="ops.resolve_backend calls importlib.import_module (via backend_module), which dynamo refuses "
-    "to trace under fullgraph=True; remove this marker once ops.py resolves backends from a cache",
-)
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_torch_compile_fullgraph(backend):
     require_backend(backend)
