@@ -4,6 +4,7 @@ Each persona is a few kilobytes of FFN channel-group mask over the shared weight
 :func:`masked_ffn` runs a batch of mixed personas in one call.
 """
 
+from .bank import MaskBank, MaskBankError, ModelMismatchError, PersonaMask
 from .layout import PackedFFN, pack_ffn, unpack_ffn
 from .ops import BACKENDS, available_backends, masked_ffn, resolve_backend
 from .reference import masked_ffn_reference
@@ -12,6 +13,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "MaskBank",
+    "MaskBankError",
+    "ModelMismatchError",
+    "PersonaMask",
     "PackedFFN",
     "available_backends",
     "masked_ffn",

@@ -150,6 +150,7 @@ def cmd_chat(args) -> int:
 
     from .bank import MaskBank
     from .hf.attach import attach_bank
+    from .prompting import persona_system_prompt
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -172,9 +173,9 @@ def cmd_chat(args) -> int:
     name = args.persona if args.persona is not None else personas[0][0]
     persona_id = 0 if args.dense else bank.persona_id(name)
     entry = bank.get(bank.persona_id(name))
-    system = entry.description
+    system = persona_system_prompt(entry.description) if entry.description else None
     mode = "dense model" if args.dense else f"persona {entry.name!r} (id {persona_id}, sparsity {entry.sparsity:.2f})"
-    _log(f"[chatting as {mode}; system prompt: {system[:80]}{'...' if len(system) > 80 else ''}]")
+    _log(f"[chatting as {mode}; system prompt: {(system or '')[:80]}{'...' if system and len(system) > 80 else ''}]")
     messages = [{"role": "system", "content": system}] if system else []
 
     def turn(prompt: str) -> None:
