@@ -202,6 +202,7 @@ def score_all(out_dir: Path, personas: Sequence[str], data_dir: str, model=None,
                     per_question[method][a.key]["rouge_l"] = rouge_l_max(a.answer, a.references)
         if model is not None and select is not None and bank is not None:
             _score_fidelity(model, tokenizer, bank, select, answers, methods, per_question, fidelity_rows)
+            _log(f"{persona}: teacher-forced fidelity of {len(methods) - 1} method(s) on {len(answers[DENSE])} dense answers")
         else:
             _carry_fidelity(out_dir / "scores" / f"{persona}.jsonl", per_question)
         if judge is not None:
