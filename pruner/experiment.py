@@ -33,7 +33,7 @@ def eval_questions(persona_id: str, n: int, data_dir: Path) -> list[str]:
 
 def write_table(results: list[dict], path: Path) -> None:
     """Markdown table: KL / top-1 per persona, sparsity and method, with means."""
-    methods = ["persona-pruner", "persona-pruner (no scales)", *BASELINES]
+    methods = list(dict.fromkeys(r["method"] for r in results))
     lines = []
     for sparsity in sorted({r["sparsity"] for r in results}):
         rows = [r for r in results if r["sparsity"] == sparsity]
@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--pool", default=None)
+    p.add_argument("--kl-weight", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--baselines", default="all", help="comma list, 'all' or 'none'")
+    p.add_argument("--tag", default="", help="suffix of the persona-pruner method labels (ablations)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     load_s = time.perf_counter() - began
     config = PrunerConfig(group_size=args.group_size, steps=args.steps, scale_steps=args.scale_steps, n_train=args.n_train,
                           max_pool=args.max_pool, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          pool=args.pool, baselines=tuple(BASELINES), progress=False, cache_dir=str(out / "cache"))
+                          pool=args.pool, kl_weight=args.kl_weight, lr=args.lr,
+                          baselines=tuple(BASELINES) if args.baselines == "all" else tuple(b for b in args.baselines.split(",") if b and b != "none"),
+                          progress=False, cache_dir=str(out / "cache"))
     pruner = Pruner(model, tokenizer, config)
     personas = load_personas(Path(args.data_dir) / "personas" / "personas.jsonl", args.personas.split(","))
     eval_cache = JsonlCache(out / "cache" / "eval_answers.jsonl")
@@ -96,13 +102,14 @@ def main(argv: list[str] | None = None) -> None:
                                 max_new_tokens=args.eval_tokens, cache=eval_cache, identity=f"dense:{pruner.fingerprint}")
         eval_setup_s = time.perf_counter() - t0
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
-            if all((pid, sparsity, m) in done for m in ("persona-pruner", *BASELINES)):
+            if all((pid, sparsity, m) in done for m in (f"persona-pruner{args.tag}", *config.baselines)):
                 continue
             config.sparsity = sparsity
             t1 = time.perf_counter()
             masks = pruner.prune(pid, description)
             prune_s = time.perf_counter() - t1
-            measured = [("persona-pruner", masks[0].keep, masks[0].scales), ("persona-pruner (no scales)", masks[0].keep, None)]
+            measured = [(f"persona-pruner{args.tag}", masks[0].keep, masks[0].scales),
+                        (f"persona-pruner{args.tag} (no scales)", masks[0].keep, None)]
             measured += [(m.method, m.keep, None) for m in masks[1:]]
             for method, keep, scales in measured:
                 score = fidelity.measure(keep, config.group_size, scales)
@@ -110,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(result)
                 with open(results_path, "a") as stream:
                     stream.write(json.dumps(result) + "\n")
-            pruner.add_to_bank(out / f"bank_s{sparsity}.safetensors", masks)
+            pruner.add_to_bank(out / f"bank_s{sparsity}{args.tag}.safetensors", masks)
             r = masks[0].report
-            log.write(json.dumps({"persona": pid, "sparsity": sparsity, "model_load_s": round(load_s, 1),
+            log.write(json.dumps({"persona": pid, "sparsity": sparsity, "tag": args.tag, "model_load_s": round(load_s, 1),
                                   "eval_setup_s": round(eval_setup_s, 1), "prune_with_baselines_s": round(prune_s, 1),
                                   **{k: r.get(k) for k in ("sensitivity_s", "teacher_s", "init_stats_s", "learn_s", "scales_s",
                                                            "total_s", "train_sequences", "answer_tokens")},

@@ -79,8 +79,8 @@ def _optimize(model, data: TrainingData, parameter: torch.Tensor, multiplier, st
     parameter = parameter.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([parameter], lr=lr)
     start, curve = 0, []
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint)
+    state = torch.load(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
+    if state is not None and state["step"] <= steps:  # a checkpoint past ``steps`` is not this run's prefix
         with torch.no_grad():
             parameter.copy_(state["value"])
         optimizer.load_state_dict(state["optimizer"])
