@@ -39,7 +39,7 @@ from .generate import (
 )
 from .judge import format_judge_prompt, load_judge_prompt
 from .measures import mean, rouge_l_max
-from .report import DENSE, PERSONA, write_report
+from .report import DENSE, PERSONA, method_order, write_report
 from .selection import attach_for_eval, fidelity_fn
 
 BASELINE_SEP = "@"
@@ -218,7 +218,7 @@ def score_all(out_dir: Path, personas: Sequence[str], data_dir: str, model=None,
             _log(f"{persona}: judged {sum(len(v) for v in answers.values())} answers")
         results[persona] = {m: _aggregate(per_question[m], answers[m]) for m in methods}
         entries[persona] = {}
-        for method in methods:
+        for method in method_order({persona: results[persona]}):
             if method == DENSE:
                 continue
             entry = answers[method][0].entry if answers[method] else method
@@ -360,18 +360,19 @@ def rescore(out_dir: str | Path, judge=None, model=None, tokenizer=None, bank: M
         raise ValueError(f"{out_dir}/run.json names no data_dir; pass data_dir")
     personas = run.get("personas") or saved_personas(out_dir)
     select = None
+    if bank is None and run.get("bank_path") and (fidelity or Path(run["bank_path"]).is_file()):
+        bank = MaskBank.load(run["bank_path"])  # for fidelity, and for the entries' methods and sparsities
     if fidelity:
-        if bank is None:
-            bank = MaskBank.load(run["bank_path"])
         if model is None:
             model, tokenizer = load_model_and_tokenizer(run.get("model_dir"), device)
         select = attach_for_eval(model, bank, backend)
-    elif tokenizer is None and model is None:
-        model = tokenizer = None
     settings = EvalSettings(data_dir, run.get("bank_path"), str(out_dir), personas, run.get("max_questions"),
                             run.get("max_new_tokens", 0), command=run.get("command") or command, notes=run.get("notes") or [])
     results, entries = score_all(out_dir, personas, data_dir, model if fidelity else None, tokenizer, bank, select, judge)
     meta = _run_meta(settings, model, bank, judge, personas) | {"entries": entries}
+    previous = out_dir / "report.json"
+    if meta.get("base_model") is None and previous.is_file():
+        meta["base_model"] = json.loads(previous.read_text()).get("meta", {}).get("base_model")
     if command:
         meta["rescore_command"] = command
     return write_report(out_dir, results, meta)
