@@ -102,6 +102,8 @@ def markdown_report(results: Results, meta: Mapping) -> str:
         header = ["persona", "dense"] + [f"drop {m}" for m in others] + ["best baseline", "share removed"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for persona, row in rows.items():
+            if all(v is None for v in row["values"].values()):
+                continue  # e.g. ROUGE-L of a persona without RoleBench references
             cells = [f"**{persona}**" if persona == ALL else persona, _fmt(row["dense"])]
             cells += [_fmt(row["drops"].get(m)) for m in others]
             cells += [row["best_baseline"] or "–", _fmt(row["share"], 2)]
