@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="mask learning steps")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--kl-weight", type=float, default=0.0, help="weight of KL to the dense persona's logits")
+    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL to the dense persona's logits (0: CE only)")
     p.add_argument("--no-scales", action="store_true", help="do not learn per-channel scales")
     p.add_argument("--scale-steps", type=int, default=20)
     p.add_argument("--pool", help="JSONL of generic instructions (default: the package's pool)")
