@@ -122,7 +122,8 @@ class Pruner:
     def _checkpoint(self, persona_key: str, method: str) -> Path:
         c = self.config
         # the step count is not part of the key: a rerun with more (or fewer) steps continues from the checkpoint
-        settings = f"{method}|{c.sparsity}|{c.group_size}|{c.lr}|{c.batch_size}|{c.ste}|{c.kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}|{c.scale_lr}"
+        kl_weight = 0.0 if method == "generic-learned" else c.kl_weight  # generic learning has no persona teacher
+        settings = f"{method}|{c.sparsity}|{c.group_size}|{c.lr}|{c.batch_size}|{c.ste}|{kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}|{c.scale_lr}"
         return self.cache_dir / "checkpoints" / f"{persona_key}_{text_hash(settings)}.pt"
 
     # ---- one persona ----------------------------------------------------------------------------
