@@ -151,6 +151,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["persona_kernels", "persona_kernels.*", "pruner", "pruner.*"]),
+    package_data={"pruner": ["assets/*.jsonl", "assets/*.txt"]},
     install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm", "transformers", "gguf", "accelerate"],
     extras_require={"test": ["pytest"], "triton": ["triton"]},
     entry_points={
