@@ -35,13 +35,13 @@ class PrunerConfig:
     teacher_endpoint: str | None = None  # OpenAI-compatible base URL
     teacher_endpoint_model: str | None = None
     # mask learning
-    steps: int = 40
+    steps: int = 30
     batch_size: int = 4
     lr: float = 0.05
     ste: str = "identity"  # straight-through gradient: "identity" or "sigmoid"
     kl_weight: float = 1.0  # + KL(dense persona || masked) on answer tokens (measured better; docs/PRUNER.md)
     scales: bool = True  # learn one scale per kept channel after the mask
-    scale_steps: int = 20
+    scale_steps: int = 10
     scale_lr: float = 0.01
     checkpoint_every: int = 10
     seed: int = 0
