@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
+from persona_kernels.prompting import persona_system_prompt
+
 def _cache_keyword() -> str:
     import inspect
 
@@ -37,12 +39,8 @@ def returned_cache(output):
     return output.past_key_values if getattr(output, "past_key_values", None) is not None else getattr(output, "cache")
 
 
-SYSTEM_TEMPLATE = "Role-play as the persona described below. Stay in character in every answer.\n{description}"
-
-
-def system_prompt(description: str | None) -> str | None:
-    """The system prompt for a persona description (``None``: no persona, the model's default)."""
-    return None if description is None else SYSTEM_TEMPLATE.format(description=description.strip())
+# One template for learning, evaluation and chat: a mask is only as good as the prompt it was learned under.
+system_prompt = persona_system_prompt
 
 
 def _messages(system: str | None, question: str) -> list[dict]:
