@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from ..chat import kl_divergence
+
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 #: Whether a larger value of each reported measure is better (decides the sign of a drop).
@@ -72,9 +74,7 @@ def token_kl_top1(dense_logits: torch.Tensor, masked_logits: torch.Tensor) -> tu
     """
     if dense_logits.shape != masked_logits.shape:
         raise ValueError(f"logit shapes differ: {tuple(dense_logits.shape)} vs {tuple(masked_logits.shape)}")
-    log_p = torch.log_softmax(dense_logits.float(), dim=-1)
-    log_q = torch.log_softmax(masked_logits.float(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
+    kl = kl_divergence(dense_logits, masked_logits).clamp_min(0.0)
     agree = (dense_logits.argmax(dim=-1) == masked_logits.argmax(dim=-1)).float()
     return kl, agree
 
