@@ -98,10 +98,20 @@ def save_bank(bank: MaskBank, path: str | Path) -> None:
             stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temp_name, _new_file_mode(path))
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode(path: Path) -> int:
+    """The replaced file's mode, else what a plain ``open`` would give (mkstemp makes files 0600)."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
