@@ -7,13 +7,16 @@ after warm-up, with torch and the kernel both using every core:
 - ``dense``: the unpruned FFN through ``F.linear`` (gate, up, act, down) in the same dtype;
 - ``oracle``: the persona's kept channels sliced into small dense weights, through ``F.linear``
   (what a private pruned copy would cost; matching it shows that not copying costs nothing);
-- ``cpu``: ``persona_kernels`` cpu backend over the shared packed weights and the persona mask.
+- ``cpu``: ``persona_kernels`` cpu backend over the shared packed weights and the persona mask;
+- ``cpu+scales`` (with ``--scales``): the same with the persona's per-channel scales applied in the
+  epilogue (issue 8's target: within 2% of ``cpu``).
 
 Every token of a batch belongs to the same persona (the oracle's best case). Writes a JSON file
 and a markdown table under ``benchmarks/out/`` and a plot under ``benchmarks/plots/``.
 
     python benchmarks/bench_cpu.py                      # the full grid (about 5-10 minutes)
     python benchmarks/bench_cpu.py --shapes smollm2-135m --reps 5    # quick
+    python benchmarks/bench_cpu.py --scales --batches 1 16         # + the cost of per-channel scales
 """
 
 from __future__ import annotations
@@ -92,6 +95,11 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
             bits = keep_to_bits(keep)
             kept = keep[0].repeat_interleave(G).nonzero().flatten()
             o_gate, o_up, o_down = w_gate[kept].contiguous(), w_up[kept].contiguous(), w_down[:, kept].contiguous()
+            scales = (0.5 + torch.rand(1, d_ff, generator=gen)).to(dtype)
+            o_down_scaled = (o_down.float() * scales[0, kept].float()).to(dtype)
+
+            def scaled_oracle(x):
+                return ffn(x, o_gate, o_up, o_down_scaled, "silu")
             for batch in args.batches:
                 x = torch.randn(batch, d, generator=gen).to(dtype)
                 ids = torch.zeros(batch, dtype=torch.int32)
@@ -101,6 +109,12 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                     "cpu": lambda: cpu_backend.masked_ffn(
                         x, gate_up, down_t, ids, bits, None, G, "silu", num_threads=args.kernel_threads),
                 }
+                if args.scales:
+                    fns["cpu+scales"] = lambda: cpu_backend.masked_ffn(
+                        x, gate_up, down_t, ids, bits, scales, G, "silu", num_threads=args.kernel_threads)
+                    scaled_error = (fns["cpu+scales"]().float() - scaled_oracle(x).float()).abs().max().item()
+                    if not scaled_error <= 0.05 * (1 + scaled_oracle(x).float().abs().max().item()):
+                        raise AssertionError(f"cpu kernel with scales disagrees with the oracle: {scaled_error}")
                 error = (fns["cpu"]().float() - fns["oracle"]().float()).abs().max().item()
                 scale = fns["oracle"]().float().abs().max().item()
                 if not error <= 0.05 * (1 + scale):
@@ -113,26 +127,32 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                     speedup_vs_dense=times["dense"] / times["cpu"], speedup_vs_oracle=times["oracle"] / times["cpu"],
                     max_abs_err_vs_oracle=error,
                 )
+                if args.scales:
+                    record.update(cpu_scales_ms=times["cpu+scales"] * 1e3, scales_overhead=times["cpu+scales"] / times["cpu"] - 1)
                 records.append(record)
                 print(
                     f"{shape:13s} {dtype_name:4s} G={G:<3d} density={density:.2f} batch={batch:<3d} "
                     f"dense {record['dense_ms']:9.3f} ms  oracle {record['oracle_ms']:9.3f} ms  "
                     f"cpu {record['cpu_ms']:9.3f} ms  x{record['speedup_vs_dense']:.2f} vs dense  "
-                    f"x{record['speedup_vs_oracle']:.2f} vs oracle",
+                    f"x{record['speedup_vs_oracle']:.2f} vs oracle"
+                    + (f"  +scales {record['cpu_scales_ms']:9.3f} ms ({100 * record['scales_overhead']:+.1f}%)" if args.scales else ""),
                     flush=True,
                 )
 
 
 def markdown_table(records: list[dict]) -> str:
     """One row per config: times in ms and the two ratios (above 1 means the kernel is faster)."""
+    scaled = any("cpu_scales_ms" in r for r in records)
+    extra_head, extra_rule = (" cpu + scales ms | scales cost |", "---|---|") if scaled else ("", "")
     lines = [
-        "| shape | dtype | G | density | batch | dense ms | oracle ms | cpu kernel ms | vs dense | vs oracle |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | dtype | G | density | batch | dense ms | oracle ms | cpu kernel ms | vs dense | vs oracle |" + extra_head,
+        "|---|---|---|---|---|---|---|---|---|---|" + extra_rule,
     ]
     for r in records:
+        extra = f" {r['cpu_scales_ms']:.3f} | {100 * r['scales_overhead']:+.1f}% |" if scaled else ""
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['G']} | {r['density']:.2f} | {r['batch']} | {r['dense_ms']:.3f} | "
-            f"{r['oracle_ms']:.3f} | {r['cpu_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_oracle']:.2f}x |"
+            f"{r['oracle_ms']:.3f} | {r['cpu_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_oracle']:.2f}x |" + extra
         )
     return "\n".join(lines)
 
@@ -178,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per config (default 7 for 8B, 30 otherwise)")
     parser.add_argument("--threads", type=int, default=0, help="threads for torch and the kernel (default: all cores)")
+    parser.add_argument("--scales", action="store_true", help="also time the kernel with per-channel persona scales")
     parser.add_argument("--plot", type=Path, default=PLOT_PATH)
     args = parser.parse_args(argv)
     if not cpu_backend.is_available():

@@ -11,6 +11,7 @@ Methods, timed per (tokens, personas in the batch, density) with ``triton.testin
   persona over its (contiguous) tokens: the best a private pruned copy could do.
 - ``ours``: one :func:`masked_ffn_triton` launch for the mixed batch (path by ``choose_path``),
   plus the ``decode`` / ``prefill`` paths forced, and ``ours_loop``: one launch per persona.
+- ``ours_scales``: ``ours`` with per-channel persona scales in the epilogue (issue 8: within 2%).
 - ``prepare``: :meth:`StepMeta.prepare` alone (once per step, shared by all layers).
 
 Each config is also checked against the oracle. Output (folder: ``--out``, else
@@ -168,8 +169,10 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
 
-    def ours(x, path=None):
-        return masked_ffn_triton(x, gu, dn, ids, bits, group_size=G, meta=meta, out=out, path=path)
+    scales = (0.5 + torch.rand(personas, d_ff, generator=gen)).to(device)
+
+    def ours(x, path=None, scaled=False):
+        return masked_ffn_triton(x, gu, dn, ids, bits, scales if scaled else None, group_size=G, meta=meta, out=out, path=path)
 
     def ours_loop(x):
         for m, lo, hi in zip(loop_metas, bounds[:-1], bounds[1:]):
@@ -182,11 +185,20 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
         err = (ours(x0, path).float() - want).abs().max().item()
         assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{path} path disagrees with the oracle: {err:.3e}"
 
+    for p, (wg, wu, wd) in enumerate(sliced):
+        lo, hi = bounds[p], bounds[p + 1]
+        xp = x0[lo:hi]
+        chans = channel_keep[p].nonzero().flatten().to(device)
+        want[lo:hi] = F.linear(F.silu(F.linear(xp, wg)) * F.linear(xp, wu), (wd.float() * scales[p, chans]).to(dtype)).float()
+    err = (ours(x0, None, True).float() - want).abs().max().item()
+    assert err <= 0.02 * max(1.0, want.abs().max().item()), f"scaled kernel disagrees with the scaled oracle: {err:.3e}"
+
     def timed(fn, *extra):
         """Median ms of ``fn`` on rotating input buffers."""
         return bench(lambda: fn(xs.next(), *extra))
 
-    ms = {"dense": timed(dense), "oracle": timed(oracle), "ours": timed(ours), "ours_loop": timed(ours_loop),
+    ms = {"dense": timed(dense), "oracle": timed(oracle), "ours": timed(ours), "ours_scales": timed(ours, None, True),
+          "ours_loop": timed(ours_loop),
           "prepare": bench(lambda: meta.prepare(ids, bits))}
     if tokens <= args.forced_decode_max:
         ms["ours_decode"] = timed(ours, "decode")
@@ -217,7 +229,7 @@ def _bandwidth_limits(device, bench) -> dict[str, float | None]:
 
 
 def _markdown(rows: list[Row], meta: dict) -> str:
-    methods = ["dense", "oracle", "ours", "ours_decode", "ours_prefill", "ours_loop", "prepare"]
+    methods = ["dense", "oracle", "ours", "ours_scales", "ours_decode", "ours_prefill", "ours_loop", "prepare"]
     lines = [
         f"{meta['card']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}; "
         f"bandwidth limits (TB/s): {meta['limits_tbps']}",
