@@ -47,7 +47,10 @@ def make_inputs(T: int, d: int, d_ff: int, G: int, case: str, dtype: torch.dtype
         ids = torch.full((T,), EMPTY_ROW)
     else:
         ids = torch.randint(0, P, (T,), generator=gen)
-    scales = torch.rand(P, d_ff, generator=gen) + 0.5 if case == "mixed_scales" else None
+    scales = None
+    if case == "mixed_scales":  # personas with scales beside personas without (rows of ones, as in a bank's table)
+        scales = torch.rand(P, d_ff, generator=gen) + 0.5
+        scales[::2] = 1.0
     x = torch.randn(T, d, generator=gen)
     gate_up = torch.randn(d_ff, 2, d, generator=gen) / d**0.5
     down_t = torch.randn(d_ff, d, generator=gen) / d_ff**0.5
