@@ -123,7 +123,8 @@ class Pruner:
         c = self.config
         # the step count is not part of the key: a rerun with more (or fewer) steps continues from the checkpoint
         kl_weight = 0.0 if method == "generic-learned" else c.kl_weight  # generic learning has no persona teacher
-        settings = f"{method}|{c.sparsity}|{c.group_size}|{c.lr}|{c.batch_size}|{c.ste}|{kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}|{c.scale_lr}"
+        lr = c.scale_lr if method == "scales" else c.lr  # a new scale lr must not discard the mask's checkpoint
+        settings = f"{method}|{c.sparsity}|{c.group_size}|{lr}|{c.batch_size}|{c.ste}|{kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}"
         return self.cache_dir / "checkpoints" / f"{persona_key}_{text_hash(settings)}.pt"
 
     # ---- one persona ----------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Issue 8's measurement: how much do learned per-channel scales lower a fixed persona mask's KL?
+
+    python -m pruner.scale_study --bank out/bank_s0.5.safetensors --personas twilight_sparkle,jack_torrance \
+        --n-train 64 --max-pool 160 --scale-steps 30 --scale-lr 0.05 --out out/scale_study
+
+For each persona of the bank (its ``persona-pruner`` entry, mask kept as learned), scales are
+learned with :func:`pruner.learn.learn_scales` on that persona's calibration data (CE + KL to the
+dense persona), then the judge-free fidelity of the mask alone and of the mask with scales is
+measured on the held-out ``eval/<persona>.jsonl`` questions (as in :mod:`pruner.experiment`).
+Rows are appended to ``scales.jsonl``; ``scales.md`` is rewritten after each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from persona_kernels.bank import MaskBank
+
+from .config import PrunerConfig
+from .data import JsonlCache, load_personas, read_jsonl
+from .experiment import SHARED, eval_questions
+from .fidelity import FidelityEval
+from .learn import learn_scales
+from .pipeline import Pruner
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    """Markdown: KL of the mask alone and with scales, the relative reduction, per persona and sparsity, with means."""
+    lines = ["| sparsity | persona | mask KL (top-1) | mask + scales KL (top-1) | KL reduction | train seqs | steps | learn s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for sparsity in sorted({r["sparsity"] for r in rows}):
+        group = [r for r in rows if r["sparsity"] == sparsity]
+        for r in group:
+            lines.append(f"| {sparsity} | {r['persona']} | {r['kl_mask']:.3f} ({r['top1_mask']:.3f}) | "
+                         f"{r['kl_scaled']:.3f} ({r['top1_scaled']:.3f}) | {100 * r['reduction']:.1f}% | "
+                         f"{r['train_sequences']} | {r['scale_steps']} | {r['scales_s']:.0f} |")
+        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
+        lines.append(f"| {sparsity} | **mean** | {mean('kl_mask'):.3f} ({mean('top1_mask'):.3f}) | "
+                     f"{mean('kl_scaled'):.3f} ({mean('top1_scaled'):.3f}) | "
+                     f"{100 * (1 - mean('kl_scaled') / mean('kl_mask')):.1f}% (of the mean) | | | |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the study (see module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bank", required=True, help="a bank written by pruner.experiment (its persona-pruner entries are used)")
+    p.add_argument("--personas", required=True, help="comma-separated persona ids")
+    p.add_argument("--data-dir", default=str(SHARED))
+    p.add_argument("--out", default="out/scale_study")
+    p.add_argument("--n-train", type=int, default=64)
+    p.add_argument("--max-pool", type=int, default=160)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--scale-steps", type=int, default=30)
+    p.add_argument("--scale-lr", type=float, default=0.05)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--n-eval", type=int, default=8)
+    p.add_argument("--eval-tokens", type=int, default=32)
+    p.add_argument("--cache-dir", default=None, help="pruner cache (default: <out>/cache)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from persona_kernels.hf.default_model import load_default_model
+
+    model, tokenizer = load_default_model()
+    bank = MaskBank.load(args.bank)
+    config = PrunerConfig(group_size=bank.group_size, n_train=args.n_train, max_pool=args.max_pool,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, kl_weight=args.kl_weight,
+                          scale_steps=args.scale_steps, scale_lr=args.scale_lr, progress=False,
+                          cache_dir=args.cache_dir or str(out / "cache"))
+    pruner = Pruner(model, tokenizer, config)
+    bank.check_model(pruner.fingerprint, pruner.n_layers, pruner.d_ff, pruner.model_name)
+    eval_cache = JsonlCache(out / "cache" / "eval_answers.jsonl")
+    results_path = out / "scales.jsonl"
+    rows = read_jsonl(results_path) if results_path.is_file() else []
+    for row in load_personas(Path(args.data_dir) / "personas" / "personas.jsonl", args.personas.split(",")):
+        pid, description = row["id"], row["description"]
+        mask = bank.get(pid)
+        sparsity = float(mask.report.get("sparsity", 1 - mask.keep.float().mean().item()))
+        if any(r["persona"] == pid and r["sparsity"] == sparsity and r["scale_steps"] == args.scale_steps for r in rows):
+            continue
+        data, data_report = pruner.persona_data(description)
+        began = time.perf_counter()
+        scales, result = learn_scales(model, data, mask.keep, bank.group_size, steps=args.scale_steps, lr=args.scale_lr,
+                                      batch_size=args.batch_size, seed=config.seed, kl_weight=args.kl_weight, progress=False)
+        learn_s = time.perf_counter() - began
+        fidelity = FidelityEval(model, tokenizer, description, eval_questions(pid, args.n_eval, Path(args.data_dir)),
+                                max_new_tokens=args.eval_tokens, cache=eval_cache, identity=f"dense:{pruner.fingerprint}")
+        alone = fidelity.measure(mask.keep, bank.group_size)
+        scaled = fidelity.measure(mask.keep, bank.group_size, scales)
+        result_row = {"persona": pid, "sparsity": sparsity, "kl_mask": alone["kl"], "top1_mask": alone["top1"],
+                      "kl_scaled": scaled["kl"], "top1_scaled": scaled["top1"], "reduction": 1 - scaled["kl"] / alone["kl"],
+                      "eval_tokens": alone["tokens"], "train_sequences": data_report["train_sequences"],
+                      "answer_tokens": data_report["answer_tokens"], "scale_steps": args.scale_steps,
+                      "scale_lr": args.scale_lr, "scales_s": round(learn_s, 1),
+                      "scale_range": [round(float(scales[mask.keep.repeat_interleave(bank.group_size, -1)].min()), 3),
+                                      round(float(scales.max()), 3)],
+                      "loss_first_last": [round(result.curve[0][1], 3), round(result.curve[-1][1], 3)] if result.curve else []}
+        rows.append(result_row)
+        with open(results_path, "a") as stream:
+            stream.write(json.dumps(result_row) + "\n")
+        write_table(rows, out / "scales.md")
+        print(f"{pid} s={sparsity}: KL {alone['kl']:.3f} -> {scaled['kl']:.3f} ({100 * result_row['reduction']:.1f}%)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
