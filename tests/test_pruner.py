@@ -281,3 +281,15 @@ def test_endpoint_teacher_against_fake_server(monkeypatch):
     path, body, auth = seen[0]
     assert path == "/v1/chat/completions" and body["model"] == "fake-model" and body["max_tokens"] == 10
     assert body["messages"][0] == {"role": "system", "content": "be a pirate"} and auth == "Bearer test-key"
+
+
+def test_scale_study_table_reports_reduction_and_mean(tmp_path) -> None:
+    from pruner.scale_study import write_table
+
+    row = dict(persona="a", sparsity=0.5, kl_mask=2.0, top1_mask=0.2, kl_scaled=1.0, top1_scaled=0.4, reduction=0.5,
+               train_sequences=64, scale_steps=30, scales_s=10.0)
+    other = dict(row, persona="b", kl_mask=4.0, kl_scaled=4.0, reduction=0.0)
+    write_table([row, other], tmp_path / "t.md")
+    text = (tmp_path / "t.md").read_text()
+    assert "| 0.5 | a | 2.000 (0.200) | 1.000 (0.400) | 50.0% |" in text
+    assert "| 0.5 | **mean** | 3.000 (0.200) | 2.500 (0.400) | 16.7% (of the mean) |" in text
