@@ -42,7 +42,7 @@ class PrunerConfig:
     kl_weight: float = 1.0  # + KL(dense persona || masked) on answer tokens (measured better; docs/PRUNER.md)
     scales: bool = True  # learn one scale per kept channel after the mask
     scale_steps: int = 20
-    scale_lr: float = 0.05  # 0.01 barely moved the scales in a few steps (docs/PRUNER.md, "Scales")
+    scale_lr: float = 0.05  # 0.01 barely moved the scales in a few steps (docs/SCALES.md)
     checkpoint_every: int = 10
     seed: int = 0
     cache_dir: str | None = None  # None: $PERSONA_KERNELS_CACHE/pruner or ~/.cache/persona-kernels/pruner
