@@ -57,14 +57,24 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown"
 
 
+CACHE_FLUSH_BYTES = 64 << 20  # more than any last-level cache here
+
+
 def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
-    """Median wall seconds of each function, calls interleaved round-robin after ``warmup`` rounds."""
+    """Median wall seconds of each function, calls interleaved round-robin after ``warmup`` rounds.
+
+    The caches are flushed before every timed call: two methods reading the same weights back to back
+    (``cpu`` then ``cpu+scales``) would otherwise hand the second one a warm cache at small shapes,
+    and in a model the other layers evict an FFN's weights between its calls anyway.
+    """
+    flush = torch.empty(CACHE_FLUSH_BYTES // 4, dtype=torch.float32)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            flush.fill_(1.0)
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
@@ -74,6 +84,14 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, warmup: i
 def ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str):
     """The stock gated FFN: ``down(act(gate(x)) * up(x))`` with ``F.linear`` in the weights' dtype."""
     return F.linear(activate(F.linear(x, w_gate), activation) * F.linear(x, w_up), w_down)
+
+
+def check_close(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
+    """Max abs error of ``got`` against the oracle's ``want``; AssertionError past 5% of the output's scale."""
+    error = (got.float() - want.float()).abs().max().item()
+    if not error <= 0.05 * (1 + want.float().abs().max().item()):
+        raise AssertionError(f"{what} disagrees with the oracle: {error}")
+    return error
 
 
 def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: list[dict]) -> None:
@@ -97,9 +115,6 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
             o_gate, o_up, o_down = w_gate[kept].contiguous(), w_up[kept].contiguous(), w_down[:, kept].contiguous()
             scales = (0.5 + torch.rand(1, d_ff, generator=gen)).to(dtype)
             o_down_scaled = (o_down.float() * scales[0, kept].float()).to(dtype)
-
-            def scaled_oracle(x):
-                return ffn(x, o_gate, o_up, o_down_scaled, "silu")
             for batch in args.batches:
                 x = torch.randn(batch, d, generator=gen).to(dtype)
                 ids = torch.zeros(batch, dtype=torch.int32)
@@ -109,16 +124,12 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                     "cpu": lambda: cpu_backend.masked_ffn(
                         x, gate_up, down_t, ids, bits, None, G, "silu", num_threads=args.kernel_threads),
                 }
+                error = check_close(fns["cpu"](), fns["oracle"](), f"cpu kernel ({shape} {dtype_name} G={G})")
                 if args.scales:
                     fns["cpu+scales"] = lambda: cpu_backend.masked_ffn(
                         x, gate_up, down_t, ids, bits, scales, G, "silu", num_threads=args.kernel_threads)
-                    scaled_error = (fns["cpu+scales"]().float() - scaled_oracle(x).float()).abs().max().item()
-                    if not scaled_error <= 0.05 * (1 + scaled_oracle(x).float().abs().max().item()):
-                        raise AssertionError(f"cpu kernel with scales disagrees with the oracle: {scaled_error}")
-                error = (fns["cpu"]().float() - fns["oracle"]().float()).abs().max().item()
-                scale = fns["oracle"]().float().abs().max().item()
-                if not error <= 0.05 * (1 + scale):
-                    raise AssertionError(f"cpu kernel disagrees with the oracle: {error} ({shape} {dtype_name} G={G})")
+                    check_close(fns["cpu+scales"](), ffn(x, o_gate, o_up, o_down_scaled, "silu"),
+                                f"cpu kernel with scales ({shape} {dtype_name} G={G})")
                 times = time_side_by_side(fns, reps=reps, warmup=2)
                 record = dict(
                     shape=shape, d=d, d_ff=d_ff, dtype=dtype_name, G=G, density=density, batch=batch,

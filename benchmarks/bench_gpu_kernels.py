@@ -149,16 +149,19 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     gu, dn = packed.gate_up, packed.down_t
 
     channel_keep = keep.repeat_interleave(G, dim=1)
-    sliced = []
+    scales = (0.5 + torch.rand(personas, d_ff, generator=gen)).to(device)
+    sliced, sliced_scaled = [], []
     for p in range(personas):
         chans = channel_keep[p].nonzero().flatten().to(device)
-        sliced.append((w_gate[chans].contiguous(), w_up[chans].contiguous(), w_down[:, chans].contiguous()))
+        wg, wu, wd = w_gate[chans].contiguous(), w_up[chans].contiguous(), w_down[:, chans].contiguous()
+        sliced.append((wg, wu, wd))
+        sliced_scaled.append((wg, wu, (wd.float() * scales[p, chans]).to(dtype)))
 
     def dense(x):
         return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
-    def oracle(x):
-        for (wg, wu, wd), lo, hi in zip(sliced, bounds[:-1], bounds[1:]):
+    def oracle(x, weights=sliced):
+        for (wg, wu, wd), lo, hi in zip(weights, bounds[:-1], bounds[1:]):
             xp = x[lo:hi]
             out[lo:hi] = F.linear(F.silu(F.linear(xp, wg)) * F.linear(xp, wu), wd)
         return out
@@ -169,8 +172,6 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
 
-    scales = (0.5 + torch.rand(personas, d_ff, generator=gen)).to(device)
-
     def ours(x, path=None, scaled=False):
         return masked_ffn_triton(x, gu, dn, ids, bits, scales if scaled else None, group_size=G, meta=meta, out=out, path=path)
 
@@ -180,18 +181,11 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
         return out
 
     x0 = xs.sets[0]
-    want = oracle(x0).float().clone()
-    for path in ("decode", "prefill"):
-        err = (ours(x0, path).float() - want).abs().max().item()
-        assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{path} path disagrees with the oracle: {err:.3e}"
-
-    for p, (wg, wu, wd) in enumerate(sliced):
-        lo, hi = bounds[p], bounds[p + 1]
-        xp = x0[lo:hi]
-        chans = channel_keep[p].nonzero().flatten().to(device)
-        want[lo:hi] = F.linear(F.silu(F.linear(xp, wg)) * F.linear(xp, wu), (wd.float() * scales[p, chans]).to(dtype)).float()
-    err = (ours(x0, None, True).float() - want).abs().max().item()
-    assert err <= 0.02 * max(1.0, want.abs().max().item()), f"scaled kernel disagrees with the scaled oracle: {err:.3e}"
+    plain, scaled = oracle(x0).float().clone(), oracle(x0, sliced_scaled).float().clone()
+    checks = [("decode path", plain, ("decode",)), ("prefill path", plain, ("prefill",)), ("scaled kernel", scaled, (None, True))]
+    for what, want, extra in checks:
+        err = (ours(x0, *extra).float() - want).abs().max().item()
+        assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{what} disagrees with the oracle: {err:.3e}"
 
     def timed(fn, *extra):
         """Median ms of ``fn`` on rotating input buffers."""

@@ -31,6 +31,21 @@ def eval_questions(persona_id: str, n: int, data_dir: Path) -> list[str]:
     return specific[: n - n // 2] + general[: n // 2]
 
 
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The held-out evaluation flags (``--data-dir``, ``--n-eval``, ``--eval-tokens``), shared by the studies so
+    their numbers are measured on the same questions and answers."""
+    parser.add_argument("--data-dir", default=str(SHARED))
+    parser.add_argument("--n-eval", type=int, default=8)
+    parser.add_argument("--eval-tokens", type=int, default=32)
+
+
+def persona_fidelity(model, tokenizer, persona_id: str, description: str, args: argparse.Namespace, cache: JsonlCache,
+                     fingerprint: str) -> FidelityEval:
+    """The held-out fidelity measure of one persona, as set by :func:`add_eval_arguments`."""
+    return FidelityEval(model, tokenizer, description, eval_questions(persona_id, args.n_eval, Path(args.data_dir)),
+                        max_new_tokens=args.eval_tokens, cache=cache, identity=f"dense:{fingerprint}")
+
+
 def write_table(results: list[dict], path: Path) -> None:
     """Markdown table: KL / top-1 per persona, sparsity and method, with means."""
     methods = list(dict.fromkeys(r["method"] for r in results))
@@ -58,12 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     """Run the experiment (see module docstring)."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--personas", required=True, help="comma-separated persona ids")
+    add_eval_arguments(p)
     p.add_argument("--sparsities", default="0.25,0.5")
     p.add_argument("--group-size", type=int, default=16)
-    p.add_argument("--data-dir", default=str(SHARED))
     p.add_argument("--out", default="out/pruner_exp")
-    p.add_argument("--n-eval", type=int, default=8)
-    p.add_argument("--eval-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--scale-steps", type=int, default=8)
     p.add_argument("--n-train", type=int, default=16)
@@ -98,8 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in personas:
         pid, description = row["id"], row["description"]
         t0 = time.perf_counter()
-        fidelity = FidelityEval(model, tokenizer, description, eval_questions(pid, args.n_eval, Path(args.data_dir)),
-                                max_new_tokens=args.eval_tokens, cache=eval_cache, identity=f"dense:{pruner.fingerprint}")
+        fidelity = persona_fidelity(model, tokenizer, pid, description, args, eval_cache, pruner.fingerprint)
         eval_setup_s = time.perf_counter() - t0
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             if all((pid, sparsity, m) in done for m in (f"persona-pruner{args.tag}", *config.baselines)):

@@ -21,9 +21,9 @@ from persona_kernels.bank import MaskBank
 
 from .config import PrunerConfig
 from .data import JsonlCache, load_personas, read_jsonl
-from .experiment import SHARED, eval_questions
-from .fidelity import FidelityEval
+from .experiment import add_eval_arguments, persona_fidelity
 from .learn import learn_scales
+from .masked_model import expand_groups
 from .pipeline import Pruner
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bank", required=True, help="a bank written by pruner.experiment (its persona-pruner entries are used)")
     p.add_argument("--personas", required=True, help="comma-separated persona ids")
-    p.add_argument("--data-dir", default=str(SHARED))
+    add_eval_arguments(p)
     p.add_argument("--out", default="out/scale_study")
     p.add_argument("--n-train", type=int, default=64)
     p.add_argument("--max-pool", type=int, default=160)
@@ -58,8 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-lr", type=float, default=0.05)
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--n-eval", type=int, default=8)
-    p.add_argument("--eval-tokens", type=int, default=32)
     p.add_argument("--cache-dir", default=None, help="pruner cache (default: <out>/cache)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -88,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         scales, result = learn_scales(model, data, mask.keep, bank.group_size, steps=args.scale_steps, lr=args.scale_lr,
                                       batch_size=args.batch_size, seed=config.seed, kl_weight=args.kl_weight, progress=False)
         learn_s = time.perf_counter() - began
-        fidelity = FidelityEval(model, tokenizer, description, eval_questions(pid, args.n_eval, Path(args.data_dir)),
-                                max_new_tokens=args.eval_tokens, cache=eval_cache, identity=f"dense:{pruner.fingerprint}")
+        kept_scales = scales[expand_groups(mask.keep, bank.group_size)]
+        fidelity = persona_fidelity(model, tokenizer, pid, description, args, eval_cache, pruner.fingerprint)
         alone = fidelity.measure(mask.keep, bank.group_size)
         scaled = fidelity.measure(mask.keep, bank.group_size, scales)
         result_row = {"persona": pid, "sparsity": sparsity, "kl_mask": alone["kl"], "top1_mask": alone["top1"],
@@ -97,8 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                       "eval_tokens": alone["tokens"], "train_sequences": data_report["train_sequences"],
                       "answer_tokens": data_report["answer_tokens"], "scale_steps": args.scale_steps,
                       "scale_lr": args.scale_lr, "scales_s": round(learn_s, 1),
-                      "scale_range": [round(float(scales[mask.keep.repeat_interleave(bank.group_size, -1)].min()), 3),
-                                      round(float(scales.max()), 3)],
+                      "scale_range": [round(float(kept_scales.min()), 3), round(float(kept_scales.max()), 3)],
                       "loss_first_last": [round(result.curve[0][1], 3), round(result.curve[-1][1], 3)] if result.curve else []}
         rows.append(result_row)
         with open(results_path, "a") as stream:
