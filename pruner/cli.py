@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scales", action="store_true", help="do not learn per-channel scales")
     p.add_argument("--scale-steps", type=int, default=20, help="scale learning steps (scales want more data than masks)")
     p.add_argument("--scale-lr", type=float, default=0.05)
+    p.add_argument("--scale-kl-weight", type=float, default=10.0,
+                   help="weight of KL to the dense persona in the scales' loss (answer cross-entropy has weight 1)")
     p.add_argument("--pool", help="JSONL of generic instructions (default: the package's pool)")
     p.add_argument("--max-pool", type=int, default=200)
     p.add_argument("--keep-fraction", type=float, default=0.4)
@@ -66,7 +68,8 @@ def config_from_args(args) -> PrunerConfig:
         keep_fraction=args.keep_fraction, n_train=args.n_train, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, teacher_model=args.teacher_dir, teacher_endpoint=args.teacher_endpoint,
         teacher_endpoint_model=args.teacher_model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        kl_weight=args.kl_weight, scales=not args.no_scales, scale_steps=args.scale_steps, scale_lr=args.scale_lr, seed=args.seed,
+        kl_weight=args.kl_weight, scales=not args.no_scales, scale_steps=args.scale_steps, scale_lr=args.scale_lr,
+        scale_kl_weight=args.scale_kl_weight, seed=args.seed,
         cache_dir=args.cache_dir, progress=not args.quiet, baselines=baselines,
     )
     config.validate()

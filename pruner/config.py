@@ -43,6 +43,7 @@ class PrunerConfig:
     scales: bool = True  # learn one scale per kept channel after the mask
     scale_steps: int = 20
     scale_lr: float = 0.05  # 0.01 barely moved the scales in a few steps (docs/SCALES.md)
+    scale_kl_weight: float = 10.0  # scales fit the dense persona's distribution better than its greedy tokens (docs/SCALES.md)
     checkpoint_every: int = 10
     seed: int = 0
     cache_dir: str | None = None  # None: $PERSONA_KERNELS_CACHE/pruner or ~/.cache/persona-kernels/pruner
@@ -78,8 +79,8 @@ class PrunerConfig:
             raise PrunerInputError("steps and scale_steps must be non-negative")
         if self.ste not in ("identity", "sigmoid"):
             raise PrunerInputError(f"ste must be 'identity' or 'sigmoid', got {self.ste!r}")
-        if self.kl_weight < 0:
-            raise PrunerInputError(f"kl weight must be non-negative, got {self.kl_weight}")
+        if self.kl_weight < 0 or self.scale_kl_weight < 0:
+            raise PrunerInputError(f"kl weights must be non-negative, got {self.kl_weight} and {self.scale_kl_weight}")
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise PrunerInputError(f"unknown baselines {unknown}; choose from {list(BASELINES)} or 'all'")

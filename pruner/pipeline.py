@@ -122,7 +122,7 @@ class Pruner:
     def _checkpoint(self, persona_key: str, method: str) -> Path:
         c = self.config
         # the step count is not part of the key: a rerun with more (or fewer) steps continues from the checkpoint
-        kl_weight = 0.0 if method == "generic-learned" else c.kl_weight  # generic learning has no persona teacher
+        kl_weight = {"generic-learned": 0.0, "scales": c.scale_kl_weight}.get(method, c.kl_weight)  # generic: no teacher
         lr = c.scale_lr if method == "scales" else c.lr  # a new scale lr must not discard the mask's checkpoint
         settings = f"{method}|{c.sparsity}|{c.group_size}|{lr}|{c.batch_size}|{c.ste}|{kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}"
         return self.cache_dir / "checkpoints" / f"{persona_key}_{text_hash(settings)}.pt"
@@ -174,7 +174,7 @@ class Pruner:
         scales = None
         if c.scales and c.scale_steps > 0:
             scales, scale_result = learn_scales(self.model, data, keep, c.group_size, steps=c.scale_steps, lr=c.scale_lr,
-                                                batch_size=c.batch_size, seed=c.seed, kl_weight=c.kl_weight,
+                                                batch_size=c.batch_size, seed=c.seed, kl_weight=c.scale_kl_weight,
                                                 checkpoint=self._checkpoint(persona_key, "scales"),
                                                 checkpoint_every=c.checkpoint_every, progress=c.progress)
             report.update(scales_s=round(scale_result.seconds, 2), scale_loss_curve=_subsample_curve(scale_result.curve))

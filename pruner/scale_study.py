@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from persona_kernels.bank import MaskBank
 
-from .config import PrunerConfig
+from .config import PrunerConfig, PrunerInputError
 from .data import JsonlCache, load_personas, read_jsonl
 from .experiment import add_eval_arguments, persona_fidelity
 from .learn import learn_scales
@@ -44,8 +45,8 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the study (see module docstring)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (see module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bank", required=True, help="a bank written by pruner.experiment (its persona-pruner entries are used)")
     p.add_argument("--personas", required=True, help="comma-separated persona ids")
@@ -53,23 +54,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="out/scale_study")
     p.add_argument("--n-train", type=int, default=64)
     p.add_argument("--max-pool", type=int, default=160)
+    p.add_argument("--keep-fraction", type=float, default=0.4, help="most persona-sensitive fraction of the pool kept")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--scale-steps", type=int, default=30)
     p.add_argument("--scale-lr", type=float, default=0.05)
-    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--scale-kl-weight", type=float, default=10.0, help="KL weight of the scales' loss (cross-entropy has 1)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cache-dir", default=None, help="pruner cache (default: <out>/cache)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    p.add_argument("--bank-out", default=None,
+                   help="also write a copy of the bank whose studied personas carry the new scales (saved after each)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the study on the embedded default model (see module docstring)."""
+    args = build_parser().parse_args(argv)
     from persona_kernels.hf.default_model import load_default_model
 
     model, tokenizer = load_default_model()
+    study(model, tokenizer, args)
+
+
+def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
+    """Learn and measure scales for ``args.personas`` of ``args.bank`` on ``model``; return all rows of ``scales.jsonl``."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     bank = MaskBank.load(args.bank)
+    if args.bank_out and Path(args.bank_out).is_file():  # resume: personas studied earlier keep their new scales
+        written = MaskBank.load(args.bank_out)
+        if written.names != bank.names or written.fingerprint != bank.fingerprint:
+            raise PrunerInputError(f"--bank-out {args.bank_out} exists but is not a copy of {args.bank}; "
+                                   "remove it or choose another path")
+        bank = written
     config = PrunerConfig(group_size=bank.group_size, n_train=args.n_train, max_pool=args.max_pool,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, kl_weight=args.kl_weight,
-                          scale_steps=args.scale_steps, scale_lr=args.scale_lr, progress=False,
-                          cache_dir=args.cache_dir or str(out / "cache"))
+                          keep_fraction=args.keep_fraction, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          scale_kl_weight=args.scale_kl_weight, scale_steps=args.scale_steps, scale_lr=args.scale_lr,
+                          progress=False, cache_dir=args.cache_dir or str(out / "cache"))
+    config.validate()
     pruner = Pruner(model, tokenizer, config)
     bank.check_model(pruner.fingerprint, pruner.n_layers, pruner.d_ff, pruner.model_name)
     eval_cache = JsonlCache(out / "cache" / "eval_answers.jsonl")
@@ -79,12 +100,13 @@ def main(argv: list[str] | None = None) -> None:
         pid, description = row["id"], row["description"]
         mask = bank.get(pid)
         sparsity = float(mask.report.get("sparsity", 1 - mask.keep.float().mean().item()))
-        if any(r["persona"] == pid and r["sparsity"] == sparsity and r["scale_steps"] == args.scale_steps for r in rows):
+        if any(r["persona"] == pid and r["sparsity"] == sparsity and r["scale_steps"] == args.scale_steps
+               and r.get("scale_kl_weight", 1.0) == args.scale_kl_weight and r.get("n_train", 64) == args.n_train for r in rows):
             continue
         data, data_report = pruner.persona_data(description)
         began = time.perf_counter()
         scales, result = learn_scales(model, data, mask.keep, bank.group_size, steps=args.scale_steps, lr=args.scale_lr,
-                                      batch_size=args.batch_size, seed=config.seed, kl_weight=args.kl_weight, progress=False)
+                                      batch_size=args.batch_size, seed=config.seed, kl_weight=args.scale_kl_weight, progress=False)
         learn_s = time.perf_counter() - began
         kept_scales = scales[expand_groups(mask.keep, bank.group_size)]
         fidelity = persona_fidelity(model, tokenizer, pid, description, args, eval_cache, pruner.fingerprint)
@@ -94,14 +116,21 @@ def main(argv: list[str] | None = None) -> None:
                       "kl_scaled": scaled["kl"], "top1_scaled": scaled["top1"], "reduction": 1 - scaled["kl"] / alone["kl"],
                       "eval_tokens": alone["tokens"], "train_sequences": data_report["train_sequences"],
                       "answer_tokens": data_report["answer_tokens"], "scale_steps": args.scale_steps,
-                      "scale_lr": args.scale_lr, "scales_s": round(learn_s, 1),
+                      "scale_lr": args.scale_lr, "scale_kl_weight": args.scale_kl_weight, "n_train": args.n_train,
+                      "scales_s": round(learn_s, 1),
                       "scale_range": [round(float(kept_scales.min()), 3), round(float(kept_scales.max()), 3)],
                       "loss_first_last": [round(result.curve[0][1], 3), round(result.curve[-1][1], 3)] if result.curve else []}
         rows.append(result_row)
         with open(results_path, "a") as stream:
             stream.write(json.dumps(result_row) + "\n")
         write_table(rows, out / "scales.md")
+        if args.bank_out:
+            report = dict(mask.report, scales_s=result_row["scales_s"], scale_steps=args.scale_steps, scale_lr=args.scale_lr,
+                          scale_kl_weight=args.scale_kl_weight, scale_train_sequences=result_row["train_sequences"])
+            bank.add(replace(mask, scales=scales.float(), report=report))
+            bank.save(args.bank_out)
         print(f"{pid} s={sparsity}: KL {alone['kl']:.3f} -> {scaled['kl']:.3f} ({100 * result_row['reduction']:.1f}%)", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import threading
@@ -153,6 +154,9 @@ def test_bad_inputs_raise_before_work(model, tokenizer, tmp_path, monkeypatch):
             prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, sparsity=sparsity))
     with pytest.raises(PrunerInputError, match="does not divide"):
         prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, group_size=5))
+    for weights in ({"kl_weight": -1.0}, {"scale_kl_weight": -0.5}):
+        with pytest.raises(PrunerInputError, match="kl weights must be non-negative"):
+            prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, **weights))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128))
@@ -293,3 +297,41 @@ def test_scale_study_table_reports_reduction_and_mean(tmp_path) -> None:
     text = (tmp_path / "t.md").read_text()
     assert "| 0.5 | a | 2.000 (0.200) | 1.000 (0.400) | 50.0% |" in text
     assert "| 0.5 | **mean** | 3.000 (0.200) | 2.500 (0.400) | 16.7% (of the mean) |" in text
+
+
+def test_scale_study_measures_writes_bank_and_resumes(model, tokenizer, tmp_path) -> None:
+    from pruner.scale_study import build_parser, study
+
+    data_dir = tmp_path / "data"
+    (data_dir / "personas").mkdir(parents=True)
+    (data_dir / "eval").mkdir()
+    (data_dir / "personas" / "personas.jsonl").write_text(json.dumps({"id": "keeper", "description": DESCRIPTION}) + "\n")
+    (data_dir / "eval" / "keeper.jsonl").write_text("".join(
+        json.dumps({"persona": "keeper", "split": split, "question": q}) + "\n"
+        for split, q in [("specific", "who are you?"), ("specific", "what do you fear?"), ("general", "name a colour.")]))
+    config = small_config(tmp_path, scales=False)
+    pruner = Pruner(model, tokenizer, config)
+    bank_path = tmp_path / "bank.safetensors"
+    pruner.add_to_bank(bank_path, pruner.prune("keeper", DESCRIPTION))
+    bank_out = tmp_path / "scaled.safetensors"
+    args = build_parser().parse_args([
+        "--bank", str(bank_path), "--personas", "keeper", "--data-dir", str(data_dir), "--n-eval", "2",
+        "--eval-tokens", "4", "--out", str(tmp_path / "study"), "--n-train", "4", "--max-pool", "12",
+        "--max-new-tokens", "6", "--scale-steps", "3", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"),
+        "--bank-out", str(bank_out)])
+    rows = study(model, tokenizer, args)
+    assert len(rows) == 1 and rows[0]["persona"] == "keeper" and rows[0]["kl_mask"] > 0
+    assert rows[0]["reduction"] == pytest.approx(1 - rows[0]["kl_scaled"] / rows[0]["kl_mask"])
+    before, after = MaskBank.load(bank_path).get("keeper"), MaskBank.load(bank_out).get("keeper")
+    assert before.scales is None and after.scales is not None and torch.equal(before.keep, after.keep)
+    assert not torch.allclose(after.scales, torch.ones_like(after.scales))
+    assert after.report["scale_steps"] == 3
+    assert (tmp_path / "study" / "scales.md").read_text().count("| keeper |") == 1
+    again = study(model, tokenizer, args)  # resumes: the persona is not relearned, the written bank kept
+    assert len(again) == 1 and torch.equal(MaskBank.load(bank_out).get("keeper").scales, after.scales)
+    other = MaskBank.load(bank_path)
+    other.add(dataclasses.replace(before, name="extra"))
+    other.save(bank_out)  # an unrelated file at --bank-out is refused, not overwritten
+    with pytest.raises(PrunerInputError, match="not a copy"):
+        study(model, tokenizer, args)
+    assert MaskBank.load(bank_out).names == ["keeper", "extra"]
