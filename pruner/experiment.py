@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--pool", default=None)
     p.add_argument("--kl-weight", type=float, default=0.0)
+    p.add_argument("--scale-lr", type=float, default=0.05)
     p.add_argument("--scale-kl-weight", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--baselines", default="all", help="comma list, 'all' or 'none'")
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     load_s = time.perf_counter() - began
     config = PrunerConfig(group_size=args.group_size, steps=args.steps, scale_steps=args.scale_steps, n_train=args.n_train,
                           max_pool=args.max_pool, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          pool=args.pool, kl_weight=args.kl_weight, lr=args.lr, scale_kl_weight=args.scale_kl_weight,
+                          pool=args.pool, kl_weight=args.kl_weight, lr=args.lr, scale_lr=args.scale_lr,
+                          scale_kl_weight=args.scale_kl_weight,
                           baselines=tuple(BASELINES) if args.baselines == "all" else tuple(b for b in args.baselines.split(",") if b and b != "none"),
                           progress=False, cache_dir=str(out / "cache"))
     pruner = Pruner(model, tokenizer, config)

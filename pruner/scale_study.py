@@ -1,12 +1,13 @@
 """Issue 8's measurement: how much do learned per-channel scales lower a fixed persona mask's KL?
 
     python -m pruner.scale_study --bank out/bank_s0.5.safetensors --personas twilight_sparkle,jack_torrance \
-        --n-train 64 --max-pool 160 --scale-steps 30 --scale-lr 0.05 --out out/scale_study
+        --out out/scale_study --bank-out out/bank_s0.5_scaled.safetensors
 
 For each persona of the bank (its ``persona-pruner`` entry, mask kept as learned), scales are
 learned with :func:`pruner.learn.learn_scales` on that persona's calibration data (CE + KL to the
-dense persona), then the judge-free fidelity of the mask alone and of the mask with scales is
-measured on the held-out ``eval/<persona>.jsonl`` questions (as in :mod:`pruner.experiment`).
+dense persona; by default 160 sequences, 60 steps, KL weight 10), then the judge-free fidelity of
+the mask alone and of the mask with scales is measured on the held-out ``eval/<persona>.jsonl``
+questions (as in :mod:`pruner.experiment`).
 Rows are appended to ``scales.jsonl``; ``scales.md`` is rewritten after each one.
 """
 
@@ -52,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--personas", required=True, help="comma-separated persona ids")
     add_eval_arguments(p)
     p.add_argument("--out", default="out/scale_study")
-    p.add_argument("--n-train", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=160)
     p.add_argument("--max-pool", type=int, default=160)
-    p.add_argument("--keep-fraction", type=float, default=0.4, help="most persona-sensitive fraction of the pool kept")
+    p.add_argument("--keep-fraction", type=float, default=1.0, help="most persona-sensitive fraction of the pool kept")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--scale-steps", type=int, default=30)
+    p.add_argument("--scale-steps", type=int, default=60)
     p.add_argument("--scale-lr", type=float, default=0.05)
     p.add_argument("--scale-kl-weight", type=float, default=10.0, help="KL weight of the scales' loss (cross-entropy has 1)")
     p.add_argument("--batch-size", type=int, default=4)
