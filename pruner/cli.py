@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .config import BASELINES, PrunerConfig, PrunerInputError, validate_description, validate_name
+from .config import BASELINES, PrunerConfig, PrunerInputError, add_scale_arguments, validate_description, validate_name
 from .data import load_personas
 
 
@@ -28,10 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL to the dense persona's logits (0: CE only)")
     p.add_argument("--no-scales", action="store_true", help="do not learn per-channel scales")
-    p.add_argument("--scale-steps", type=int, default=20, help="scale learning steps (scales want more data than masks)")
-    p.add_argument("--scale-lr", type=float, default=0.05)
-    p.add_argument("--scale-kl-weight", type=float, default=10.0,
-                   help="weight of KL to the dense persona in the scales' loss (answer cross-entropy has weight 1)")
+    add_scale_arguments(p)
     p.add_argument("--pool", help="JSONL of generic instructions (default: the package's pool)")
     p.add_argument("--max-pool", type=int, default=200)
     p.add_argument("--keep-fraction", type=float, default=0.4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,15 @@ class PrunerConfig:
             raise PrunerInputError("--teacher-endpoint and --teacher-model must be given together")
         if self.pool is not None and not Path(self.pool).is_file():
             raise PrunerInputError(f"instruction pool {self.pool!r} does not exist")
+
+
+def add_scale_arguments(parser: argparse.ArgumentParser, steps: int | None = None) -> None:
+    """``--scale-steps``, ``--scale-lr`` and ``--scale-kl-weight``, defaulting to :class:`PrunerConfig`'s (or ``steps``)."""
+    parser.add_argument("--scale-steps", type=int, default=PrunerConfig.scale_steps if steps is None else steps,
+                        help="scale learning steps (scales want more data than masks)")
+    parser.add_argument("--scale-lr", type=float, default=PrunerConfig.scale_lr)
+    parser.add_argument("--scale-kl-weight", type=float, default=PrunerConfig.scale_kl_weight,
+                        help="weight of KL to the dense persona in the scales' loss (answer cross-entropy has weight 1)")
 
 
 def validate_description(description: str) -> str:

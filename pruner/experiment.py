@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import BASELINES, PrunerConfig
+from .config import BASELINES, PrunerConfig, add_scale_arguments
 from .data import JsonlCache, load_personas, read_jsonl
 from .fidelity import FidelityEval
 from .pipeline import Pruner
@@ -78,15 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--out", default="out/pruner_exp")
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--scale-steps", type=int, default=8)
+    add_scale_arguments(p, steps=8)
     p.add_argument("--n-train", type=int, default=16)
     p.add_argument("--max-pool", type=int, default=60)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--pool", default=None)
     p.add_argument("--kl-weight", type=float, default=0.0)
-    p.add_argument("--scale-lr", type=float, default=0.05)
-    p.add_argument("--scale-kl-weight", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--baselines", default="all", help="comma list, 'all' or 'none'")
     p.add_argument("--tag", default="", help="suffix of the persona-pruner method labels (ablations)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from persona_kernels.bank import MaskBank
 
-from .config import PrunerConfig, PrunerInputError
+from .config import PrunerConfig, PrunerInputError, add_scale_arguments
 from .data import JsonlCache, load_personas, read_jsonl
 from .experiment import add_eval_arguments, persona_fidelity
 from .learn import learn_scales
@@ -57,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pool", type=int, default=160)
     p.add_argument("--keep-fraction", type=float, default=1.0, help="most persona-sensitive fraction of the pool kept")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--scale-steps", type=int, default=60)
-    p.add_argument("--scale-lr", type=float, default=0.05)
-    p.add_argument("--scale-kl-weight", type=float, default=10.0, help="KL weight of the scales' loss (cross-entropy has 1)")
+    add_scale_arguments(p, steps=60)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cache-dir", default=None, help="pruner cache (default: <out>/cache)")
     p.add_argument("--bank-out", default=None,
@@ -100,7 +98,7 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
     for row in load_personas(Path(args.data_dir) / "personas" / "personas.jsonl", args.personas.split(",")):
         pid, description = row["id"], row["description"]
         mask = bank.get(pid)
-        sparsity = float(mask.report.get("sparsity", 1 - mask.keep.float().mean().item()))
+        sparsity = float(mask.report.get("sparsity", mask.sparsity))
         if any(r["persona"] == pid and r["sparsity"] == sparsity and r["scale_steps"] == args.scale_steps
                and r.get("scale_kl_weight", 1.0) == args.scale_kl_weight and r.get("n_train", 64) == args.n_train for r in rows):
             continue
@@ -128,7 +126,7 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
         if args.bank_out:
             report = dict(mask.report, scales_s=result_row["scales_s"], scale_steps=args.scale_steps, scale_lr=args.scale_lr,
                           scale_kl_weight=args.scale_kl_weight, scale_train_sequences=result_row["train_sequences"])
-            bank.add(replace(mask, scales=scales.float(), report=report))
+            bank.add(replace(mask, scales=scales, report=report))
             bank.save(args.bank_out)
         print(f"{pid} s={sparsity}: KL {alone['kl']:.3f} -> {scaled['kl']:.3f} ({100 * result_row['reduction']:.1f}%)", flush=True)
     return rows
