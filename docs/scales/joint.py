@@ -1,0 +1,77 @@
+"""Exploratory (not part of the package): at one sparsity, does a bigger mask budget, or learning the mask
+and the scales together, change what scales recover? Used for docs/SCALES.md:
+
+    python docs/scales/joint.py --persona twilight_sparkle --sparsity 0.25 --cache-dir /tmp/scache \
+        --eval-cache /tmp/ss_combo/cache/eval_answers.jsonl
+
+Prints and appends to ``--out``: eval KL of the importance-initialised mask, of the mask learned for
+``--steps`` (KL weight 10, the whole 160-instruction pool), of that mask with scales learned after it,
+and of a mask and scales learned together (one Adam over scores and scales).
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from persona_kernels.hf.default_model import load_default_model
+from pruner.config import PrunerConfig
+from pruner.data import JsonlCache, load_personas
+from pruner.experiment import SHARED, persona_fidelity
+from pruner.importance import activation_importance, collect_stats, scores_from_importance
+from pruner.learn import _optimize, learn_mask, learn_scales
+from pruner.masked_model import expand_groups, ste_mask, topk_keep
+from pruner.pipeline import Pruner
+
+p = argparse.ArgumentParser()
+p.add_argument("--persona", default="twilight_sparkle")
+p.add_argument("--sparsity", type=float, default=0.25)
+p.add_argument("--steps", type=int, default=60)
+p.add_argument("--cache-dir", default="/tmp/scache")
+p.add_argument("--eval-cache", default="/tmp/joint_eval_answers.jsonl")
+p.add_argument("--out", default="/tmp/joint.jsonl")
+a = p.parse_args()
+torch.set_num_threads(1)
+G = 16
+model, tok = load_default_model()
+cfg = PrunerConfig(group_size=G, n_train=160, max_pool=160, keep_fraction=1.0, max_new_tokens=32, batch_size=4,
+                   progress=False, cache_dir=a.cache_dir, sparsity=a.sparsity)
+pruner = Pruner(model, tok, cfg)
+description = load_personas(SHARED / "personas" / "personas.jsonl", [a.persona])[0]["description"]
+data, _ = pruner.persona_data(description)
+fidelity = persona_fidelity(model, tok, a.persona, description, argparse.Namespace(data_dir=str(SHARED), n_eval=8, eval_tokens=32),
+                            JsonlCache(a.eval_cache), pruner.fingerprint)
+init = scores_from_importance(activation_importance(collect_stats(model, data.prefix, data.batches(8), False), model, G))
+k, n_groups, out = pruner.k, init.shape[1], {}
+
+
+def log(key: str, value: float) -> None:
+    out[key] = value
+    print(key, value, flush=True)
+
+
+log("init_mask", fidelity.measure(topk_keep(init, k), G)["kl"])
+began = time.time()
+keep, _ = learn_mask(model, data, init, k, G, steps=a.steps, lr=0.05, batch_size=4, seed=0, kl_weight=10.0, progress=False)
+log("mask", fidelity.measure(keep, G)["kl"])
+log("mask_s", time.time() - began)
+began = time.time()
+scales, _ = learn_scales(model, data, keep, G, steps=a.steps, lr=0.05, batch_size=4, seed=0, kl_weight=10.0, progress=False)
+log("mask_then_scales", fidelity.measure(keep, G, scales)["kl"])
+log("scales_s", time.time() - began)
+
+
+def joint_multiplier(parameter: torch.Tensor) -> torch.Tensor:
+    """Columns [:n_groups] are mask scores (straight-through top-k), the rest per-channel scales."""
+    return expand_groups(ste_mask(parameter[:, :n_groups], k), G) * parameter[:, n_groups:]
+
+
+began = time.time()
+start = torch.cat([init.float(), torch.ones(init.shape[0], n_groups * G)], 1)
+result = _optimize(model, data, start, joint_multiplier, a.steps, 0.05, 10.0, 4, 0, None, 10, "joint", False, None)
+joint_keep, joint_scales = topk_keep(result.value[:, :n_groups], k), result.value[:, n_groups:]
+log("joint_mask_alone", fidelity.measure(joint_keep, G)["kl"])
+log("joint_mask_scales", fidelity.measure(joint_keep, G, joint_scales)["kl"])
+log("joint_s", time.time() - began)
+with open(a.out, "a") as stream:
+    stream.write(json.dumps(dict(persona=a.persona, sparsity=a.sparsity, steps=a.steps, **out)) + "\n")

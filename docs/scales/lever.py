@@ -1,0 +1,171 @@
+"""Exploratory (not part of the package): which copy-free recovery lever transfers to held-out questions?
+
+Learns, on one persona's calibration data with one mask of a bank fixed, any of: per-channel scales
+(``scales``), one scale per group (``group``), an FFN output bias (``learnbias``, ``flap`` starts it at the
+closed-form compensation), an FFN input gain (``gain``), with KL on every suffix position (``allpos``).
+Every 10 steps it records KL on the persona's 8 eval questions and on the last ``--holdout`` calibration
+sequences (not trained on). Appends one JSON row to ``--out``. Used for docs/SCALES.md, e.g.:
+
+    python docs/scales/lever.py --persona twilight_sparkle --bank bank_s0.25+kl.safetensors --variant scales+gain \
+        --holdout 32 --cache-dir /tmp/scache --eval-cache /tmp/ss_combo/cache/eval_answers.jsonl
+"""
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from persona_kernels.bank import MaskBank
+from persona_kernels.hf.default_model import load_default_model
+from persona_kernels.hf.ffn import find_ffn_layers
+from pruner.chat import (answer_logits, decoder_and_head, encode_prefix, kl_divergence, prefix_cache, token_loss,
+                         with_cache)
+from pruner.config import PrunerConfig
+from pruner.data import JsonlCache, load_personas
+from pruner.experiment import SHARED, persona_fidelity
+from pruner.learn import batch_indices
+from pruner.masked_model import channel_multiplier, expand_groups, ffn_activation_hook, freeze
+from pruner.pipeline import Pruner
+
+p = argparse.ArgumentParser()
+p.add_argument("--persona", required=True)
+p.add_argument("--bank", required=True)
+p.add_argument("--variant", default="scales")
+p.add_argument("--wd", type=float, default=0.0, help="weight of the mean squared deviation of the scales from 1")
+p.add_argument("--steps", type=int, default=60)
+p.add_argument("--lr", type=float, default=0.05)
+p.add_argument("--kl", type=float, default=10.0)
+p.add_argument("--holdout", type=int, default=0)
+p.add_argument("--cache-dir", default="/tmp/scache")
+p.add_argument("--eval-cache", default="/tmp/lever_eval_answers.jsonl")
+p.add_argument("--out", default="/tmp/lever_runs.jsonl")
+a = p.parse_args()
+torch.set_num_threads(1)
+model, tok = load_default_model()
+bank = MaskBank.load(a.bank)
+mask, G = bank.get(a.persona), bank.group_size
+cfg = PrunerConfig(group_size=G, n_train=160, max_pool=160, keep_fraction=1.0, max_new_tokens=32, batch_size=4,
+                   progress=False, cache_dir=a.cache_dir)
+pruner = Pruner(model, tok, cfg)
+description = load_personas(SHARED / "personas" / "personas.jsonl", [a.persona])[0]["description"]
+data, _ = pruner.persona_data(description)
+fidelity = persona_fidelity(model, tok, a.persona, description, argparse.Namespace(data_dir=str(SHARED), n_eval=8, eval_tokens=32),
+                            JsonlCache(a.eval_cache), pruner.fingerprint)
+layers = find_ffn_layers(model)
+channel = expand_groups(mask.keep.float(), G)
+L, d_ff = channel.shape
+d_model = model.config.hidden_size
+
+
+def flap_bias() -> torch.Tensor:
+    """Closed-form compensation: W_down[:, dropped] @ mean dense activation of the dropped channels."""
+    sums, count = torch.zeros(L, d_ff), [0]
+
+    def observe(i, h):
+        sums[i] += h.detach().float().reshape(-1, d_ff).sum(0)
+        count[0] += h.reshape(-1, d_ff).shape[0] if i == 0 else 0
+
+    with torch.no_grad(), ffn_activation_hook(model, observe):
+        past = encode_prefix(model, data.prefix)
+        for b in data.batches(8):
+            answer_logits(model, data.prefix, b, past)
+    mean = sums / count[0]
+    return torch.stack([l.mlp.down_proj.weight.float() @ (mean[l.index] * (1 - channel[l.index])) for l in layers])
+
+
+scales = torch.ones(L, d_ff, requires_grad=True)
+group_scales = torch.ones(L, d_ff // G, requires_grad=True)
+bias = (flap_bias() if "flap" in a.variant else torch.zeros(L, d_model)).requires_grad_(True)
+gain = torch.ones(L, d_model, requires_grad=True)
+groups = [{"params": [t for key, t in (("scales", scales), ("group", group_scales), ("learnbias", bias)) if key in a.variant], "lr": a.lr}]
+if "gain" in a.variant:
+    groups.append({"params": [gain], "lr": 0.01})
+
+
+@contextlib.contextmanager
+def extras():
+    """The output bias and input gain hooks (identity unless learned)."""
+    hooks = [l.mlp.down_proj.register_forward_hook(lambda m, i, o, k=l.index: o + bias[k].to(o.dtype)) for l in layers]
+    hooks += [l.mlp.register_forward_pre_hook(lambda m, args, k=l.index: (args[0] * gain[k].to(args[0].dtype),) + tuple(args[1:]))
+              for l in layers]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def multiplier():
+    return channel * scales * expand_groups(group_scales, G)
+
+
+n = len(data)
+train_idx, hold_idx = list(range(n - a.holdout)), list(range(n - a.holdout, n))
+
+
+@torch.no_grad()
+def eval_kl() -> float:
+    with extras():
+        return fidelity.compare(fidelity._logits(channel_multiplier(model, multiplier().detach())))["kl"]
+
+
+@torch.no_grad()
+def holdout_kl() -> float | None:
+    if not hold_idx:
+        return None
+    total = count = 0
+    past = encode_prefix(model, data.prefix)
+    for s in range(0, len(hold_idx), 8):
+        b = data.batch(hold_idx[s : s + 8])
+        dense, _ = answer_logits(model, data.prefix, b, past)
+        with extras(), channel_multiplier(model, multiplier().detach()):
+            masked, _ = answer_logits(model, data.prefix, b)
+        kl = kl_divergence(dense, masked)
+        total, count = total + float(kl.sum()), count + kl.numel()
+    return total / count
+
+
+def suffix_logits(b, past=None):
+    """Logits at every real suffix position (question and answer tokens)."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=b.ids, **with_cache(prefix_cache(model, data.prefix, b.ids.shape[0], past)), use_cache=True).last_hidden_state
+    return head(hidden[b.valid]).float()
+
+
+freeze(model)
+trajectory = [(0, eval_kl(), holdout_kl())]
+print(trajectory[-1], flush=True)
+groups = [g for g in groups if g["params"]]
+optimizer = torch.optim.Adam(groups) if groups else None
+dense_past = encode_prefix(model, data.prefix)
+began = time.time()
+for step in range(a.steps if optimizer else 0):
+    b = data.batch([train_idx[i] for i in batch_indices(len(train_idx), 4, step, 1)])
+    if "allpos" in a.variant:
+        with torch.no_grad():
+            teacher = suffix_logits(b, dense_past)
+        with extras(), channel_multiplier(model, multiplier):
+            logits = suffix_logits(b)
+        answer = (b.targets != -100)[b.valid]
+        loss = F.cross_entropy(logits[answer], b.targets[b.valid][answer]) + a.kl * kl_divergence(teacher, logits).mean()
+    else:
+        with torch.no_grad():
+            teacher, _ = answer_logits(model, data.prefix, b, dense_past)
+        with extras(), channel_multiplier(model, multiplier):
+            logits, targets = answer_logits(model, data.prefix, b)
+        loss = token_loss(logits, targets, teacher, a.kl)
+    if a.wd:
+        loss = loss + a.wd * (((scales - 1) * channel) ** 2).sum() / channel.sum()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if (step + 1) % 10 == 0:
+        trajectory.append((step + 1, eval_kl(), holdout_kl()))
+        print(trajectory[-1], float(loss), flush=True)
+row = dict(persona=a.persona, bank=a.bank, variant=a.variant, wd=a.wd, lr=a.lr, kl=a.kl, holdout=a.holdout, steps=a.steps,
+           trajectory=trajectory, seconds=round(time.time() - began))
+with open(a.out, "a") as stream:
+    stream.write(json.dumps(row) + "\n")
+print(row)
