@@ -46,6 +46,27 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _same_run(row: dict, persona: str, sparsity: float, args: argparse.Namespace) -> bool:
+    """Whether a ``scales.jsonl`` row measured ``persona`` at ``sparsity`` with this run's scale recipe."""
+    return (row["persona"] == persona and row["sparsity"] == sparsity and row["scale_steps"] == args.scale_steps
+            and row.get("scale_lr", args.scale_lr) == args.scale_lr and row.get("scale_kl_weight", 1.0) == args.scale_kl_weight
+            and row.get("n_train", 64) == args.n_train)
+
+
+def _carries_scales(report: dict, args: argparse.Namespace) -> bool:
+    """Whether a ``--bank-out`` entry's report says its scales were learned here with this recipe."""
+    return (report.get("scale_steps") == args.scale_steps and report.get("scale_lr") == args.scale_lr
+            and report.get("scale_kl_weight") == args.scale_kl_weight
+            and report.get("scale_n_train", args.n_train) == args.n_train)
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    """Rewrite ``scales.jsonl`` atomically (a crash keeps the previous file)."""
+    temp = path.with_name(path.name + ".partial")
+    temp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    temp.replace(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (see module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,9 +120,10 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
         pid, description = row["id"], row["description"]
         mask = bank.get(pid)
         sparsity = float(mask.report.get("sparsity", mask.sparsity))
-        if any(r["persona"] == pid and r["sparsity"] == sparsity and r["scale_steps"] == args.scale_steps
-               and r.get("scale_kl_weight", 1.0) == args.scale_kl_weight and r.get("n_train", 64) == args.n_train for r in rows):
+        measured = [r for r in rows if _same_run(r, pid, sparsity, args)]
+        if measured and (not args.bank_out or _carries_scales(mask.report, args)):
             continue
+        rows = [r for r in rows if r not in measured]  # relearned: its bank entry was missing, its row is replaced
         data, data_report = pruner.persona_data(description)
         began = time.perf_counter()
         scales, result = learn_scales(model, data, mask.keep, bank.group_size, steps=args.scale_steps, lr=args.scale_lr,
@@ -120,12 +142,12 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
                       "scale_range": [round(float(kept_scales.min()), 3), round(float(kept_scales.max()), 3)],
                       "loss_first_last": [round(result.curve[0][1], 3), round(result.curve[-1][1], 3)] if result.curve else []}
         rows.append(result_row)
-        with open(results_path, "a") as stream:
-            stream.write(json.dumps(result_row) + "\n")
+        _write_rows(rows, results_path)
         write_table(rows, out / "scales.md")
         if args.bank_out:
             report = dict(mask.report, scales_s=result_row["scales_s"], scale_steps=args.scale_steps, scale_lr=args.scale_lr,
-                          scale_kl_weight=args.scale_kl_weight, scale_train_sequences=result_row["train_sequences"])
+                          scale_kl_weight=args.scale_kl_weight, scale_train_sequences=result_row["train_sequences"],
+                          scale_n_train=args.n_train)
             bank.add(replace(mask, scales=scales, report=report))
             bank.save(args.bank_out)
         print(f"{pid} s={sparsity}: KL {alone['kl']:.3f} -> {scaled['kl']:.3f} ({100 * result_row['reduction']:.1f}%)", flush=True)

@@ -329,6 +329,10 @@ def test_scale_study_measures_writes_bank_and_resumes(model, tokenizer, tmp_path
     assert (tmp_path / "study" / "scales.md").read_text().count("| keeper |") == 1
     again = study(model, tokenizer, args)  # resumes: the persona is not relearned, the written bank kept
     assert len(again) == 1 and torch.equal(MaskBank.load(bank_out).get("keeper").scales, after.scales)
+    bank_out.unlink()  # measured earlier, but its bank entry is gone: relearned, and its row replaced, not doubled
+    relearned = study(model, tokenizer, args)
+    assert len(relearned) == 1 and MaskBank.load(bank_out).get("keeper").scales is not None
+    assert len((tmp_path / "study" / "scales.jsonl").read_text().splitlines()) == 1
     other = MaskBank.load(bank_path)
     other.add(dataclasses.replace(before, name="extra"))
     other.save(bank_out)  # an unrelated file at --bank-out is refused, not overwritten
