@@ -8,7 +8,7 @@ learned with :func:`pruner.learn.learn_scales` on that persona's calibration dat
 dense persona; by default 160 sequences, 60 steps, KL weight 10), then the judge-free fidelity of
 the mask alone and of the mask with scales is measured on the held-out ``eval/<persona>.jsonl``
 questions (as in :mod:`pruner.experiment`).
-Rows are appended to ``scales.jsonl``; ``scales.md`` is rewritten after each one.
+Rows go to ``scales.jsonl`` and ``scales.md``, both rewritten after each persona.
 """
 
 from __future__ import annotations
