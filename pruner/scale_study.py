@@ -46,18 +46,28 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _same_run(row: dict, persona: str, sparsity: float, args: argparse.Namespace) -> bool:
-    """Whether a ``scales.jsonl`` row measured ``persona`` at ``sparsity`` with this run's scale recipe."""
-    return (row["persona"] == persona and row["sparsity"] == sparsity and row["scale_steps"] == args.scale_steps
-            and row.get("scale_lr", args.scale_lr) == args.scale_lr and row.get("scale_kl_weight", 1.0) == args.scale_kl_weight
-            and row.get("n_train", 64) == args.n_train)
+def _recipe(args: argparse.Namespace) -> dict:
+    """This run's scale recipe, keyed as in ``scales.jsonl`` rows (and, via :func:`_report_keys`, bank reports)."""
+    return {"scale_steps": args.scale_steps, "scale_lr": args.scale_lr, "scale_kl_weight": args.scale_kl_weight,
+            "n_train": args.n_train}
 
 
-def _carries_scales(report: dict, args: argparse.Namespace) -> bool:
-    """Whether a ``--bank-out`` entry's report says its scales were learned here with this recipe."""
-    return (report.get("scale_steps") == args.scale_steps and report.get("scale_lr") == args.scale_lr
-            and report.get("scale_kl_weight") == args.scale_kl_weight
-            and report.get("scale_n_train", args.n_train) == args.n_train)
+def _report_keys(recipe: dict) -> dict:
+    """The recipe as stored in a ``--bank-out`` entry's report (``n_train`` is the mask's there, so it is prefixed)."""
+    return {("scale_n_train" if key == "n_train" else key): value for key, value in recipe.items()}
+
+
+def _same_run(row: dict, persona: str, sparsity: float, recipe: dict) -> bool:
+    """Whether a ``scales.jsonl`` row measured ``persona`` at ``sparsity`` with ``recipe``."""
+    return row["persona"] == persona and row["sparsity"] == sparsity and all(row.get(k) == v for k, v in recipe.items())
+
+
+def _carries_scales(report: dict, recipe: dict) -> bool:
+    """Whether a ``--bank-out`` entry's report says its scales were learned here with ``recipe``.
+
+    Entries written before ``scale_n_train`` was recorded count as matching on it."""
+    wanted = _report_keys(recipe)
+    return all(report.get(k, wanted[k] if k == "scale_n_train" else None) == v for k, v in wanted.items())
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
@@ -116,12 +126,13 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
     eval_cache = JsonlCache(out / "cache" / "eval_answers.jsonl")
     results_path = out / "scales.jsonl"
     rows = read_jsonl(results_path) if results_path.is_file() else []
+    recipe = _recipe(args)
     for row in load_personas(Path(args.data_dir) / "personas" / "personas.jsonl", args.personas.split(",")):
         pid, description = row["id"], row["description"]
         mask = bank.get(pid)
         sparsity = float(mask.report.get("sparsity", mask.sparsity))
-        measured = [r for r in rows if _same_run(r, pid, sparsity, args)]
-        if measured and (not args.bank_out or _carries_scales(mask.report, args)):
+        measured = [r for r in rows if _same_run(r, pid, sparsity, recipe)]
+        if measured and (not args.bank_out or _carries_scales(mask.report, recipe)):
             continue
         rows = [r for r in rows if r not in measured]  # relearned: its bank entry was missing, its row is replaced
         data, data_report = pruner.persona_data(description)
@@ -136,18 +147,15 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
         result_row = {"persona": pid, "sparsity": sparsity, "kl_mask": alone["kl"], "top1_mask": alone["top1"],
                       "kl_scaled": scaled["kl"], "top1_scaled": scaled["top1"], "reduction": 1 - scaled["kl"] / alone["kl"],
                       "eval_tokens": alone["tokens"], "train_sequences": data_report["train_sequences"],
-                      "answer_tokens": data_report["answer_tokens"], "scale_steps": args.scale_steps,
-                      "scale_lr": args.scale_lr, "scale_kl_weight": args.scale_kl_weight, "n_train": args.n_train,
-                      "scales_s": round(learn_s, 1),
+                      "answer_tokens": data_report["answer_tokens"], **recipe, "scales_s": round(learn_s, 1),
                       "scale_range": [round(float(kept_scales.min()), 3), round(float(kept_scales.max()), 3)],
                       "loss_first_last": [round(result.curve[0][1], 3), round(result.curve[-1][1], 3)] if result.curve else []}
         rows.append(result_row)
         _write_rows(rows, results_path)
         write_table(rows, out / "scales.md")
         if args.bank_out:
-            report = dict(mask.report, scales_s=result_row["scales_s"], scale_steps=args.scale_steps, scale_lr=args.scale_lr,
-                          scale_kl_weight=args.scale_kl_weight, scale_train_sequences=result_row["train_sequences"],
-                          scale_n_train=args.n_train)
+            report = dict(mask.report, scales_s=result_row["scales_s"], scale_train_sequences=result_row["train_sequences"],
+                          **_report_keys(recipe))
             bank.add(replace(mask, scales=scales, report=report))
             bank.save(args.bank_out)
         print(f"{pid} s={sparsity}: KL {alone['kl']:.3f} -> {scaled['kl']:.3f} ({100 * result_row['reduction']:.1f}%)", flush=True)

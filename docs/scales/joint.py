@@ -14,14 +14,11 @@ import time
 
 import torch
 
-from persona_kernels.hf.default_model import load_default_model
-from pruner.config import PrunerConfig
-from pruner.data import JsonlCache, load_personas
-from pruner.experiment import SHARED, persona_fidelity
 from pruner.importance import activation_importance, collect_stats, scores_from_importance
 from pruner.learn import _optimize, learn_mask, learn_scales
 from pruner.masked_model import expand_groups, ste_mask, topk_keep
-from pruner.pipeline import Pruner
+
+from common import persona_run
 
 p = argparse.ArgumentParser()
 p.add_argument("--persona", default="twilight_sparkle")
@@ -31,16 +28,8 @@ p.add_argument("--cache-dir", default="/tmp/scache")
 p.add_argument("--eval-cache", default="/tmp/joint_eval_answers.jsonl")
 p.add_argument("--out", default="/tmp/joint.jsonl")
 a = p.parse_args()
-torch.set_num_threads(1)
 G = 16
-model, tok = load_default_model()
-cfg = PrunerConfig(group_size=G, n_train=160, max_pool=160, keep_fraction=1.0, max_new_tokens=32, batch_size=4,
-                   progress=False, cache_dir=a.cache_dir, sparsity=a.sparsity)
-pruner = Pruner(model, tok, cfg)
-description = load_personas(SHARED / "personas" / "personas.jsonl", [a.persona])[0]["description"]
-data, _ = pruner.persona_data(description)
-fidelity = persona_fidelity(model, tok, a.persona, description, argparse.Namespace(data_dir=str(SHARED), n_eval=8, eval_tokens=32),
-                            JsonlCache(a.eval_cache), pruner.fingerprint)
+model, pruner, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache, a.sparsity)
 init = scores_from_importance(activation_importance(collect_stats(model, data.prefix, data.batches(8), False), model, G))
 k, n_groups, out = pruner.k, init.shape[1], {}
 

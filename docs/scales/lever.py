@@ -18,16 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from persona_kernels.bank import MaskBank
-from persona_kernels.hf.default_model import load_default_model
 from persona_kernels.hf.ffn import find_ffn_layers
 from pruner.chat import (answer_logits, decoder_and_head, encode_prefix, kl_divergence, prefix_cache, token_loss,
                          with_cache)
-from pruner.config import PrunerConfig
-from pruner.data import JsonlCache, load_personas
-from pruner.experiment import SHARED, persona_fidelity
 from pruner.learn import batch_indices
 from pruner.masked_model import channel_multiplier, expand_groups, ffn_activation_hook, freeze
-from pruner.pipeline import Pruner
+
+from common import persona_run
 
 p = argparse.ArgumentParser()
 p.add_argument("--persona", required=True)
@@ -42,17 +39,9 @@ p.add_argument("--cache-dir", default="/tmp/scache")
 p.add_argument("--eval-cache", default="/tmp/lever_eval_answers.jsonl")
 p.add_argument("--out", default="/tmp/lever_runs.jsonl")
 a = p.parse_args()
-torch.set_num_threads(1)
-model, tok = load_default_model()
 bank = MaskBank.load(a.bank)
 mask, G = bank.get(a.persona), bank.group_size
-cfg = PrunerConfig(group_size=G, n_train=160, max_pool=160, keep_fraction=1.0, max_new_tokens=32, batch_size=4,
-                   progress=False, cache_dir=a.cache_dir)
-pruner = Pruner(model, tok, cfg)
-description = load_personas(SHARED / "personas" / "personas.jsonl", [a.persona])[0]["description"]
-data, _ = pruner.persona_data(description)
-fidelity = persona_fidelity(model, tok, a.persona, description, argparse.Namespace(data_dir=str(SHARED), n_eval=8, eval_tokens=32),
-                            JsonlCache(a.eval_cache), pruner.fingerprint)
+model, _, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache)
 layers = find_ffn_layers(model)
 channel = expand_groups(mask.keep.float(), G)
 L, d_ff = channel.shape

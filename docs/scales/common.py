@@ -1,0 +1,26 @@
+"""Shared set-up of the exploratory scale scripts: the default model, one persona's calibration data and
+its held-out fidelity measure, with the settings of docs/SCALES.md's recipe (160 sequences, 32-token answers)."""
+import argparse
+
+import torch
+
+from persona_kernels.hf.default_model import load_default_model
+from pruner.config import PrunerConfig
+from pruner.data import JsonlCache, load_personas
+from pruner.experiment import SHARED, persona_fidelity
+from pruner.pipeline import Pruner
+
+
+def persona_run(persona: str, group_size: int, cache_dir: str, eval_cache: str, sparsity: float = 0.5):
+    """``(model, pruner, data, fidelity)`` for ``persona`` (one thread, as the runs in the docs)."""
+    torch.set_num_threads(1)
+    model, tokenizer = load_default_model()
+    config = PrunerConfig(group_size=group_size, sparsity=sparsity, n_train=160, max_pool=160, keep_fraction=1.0,
+                          max_new_tokens=32, batch_size=4, progress=False, cache_dir=cache_dir)
+    pruner = Pruner(model, tokenizer, config)
+    description = load_personas(SHARED / "personas" / "personas.jsonl", [persona])[0]["description"]
+    data, _ = pruner.persona_data(description)
+    fidelity = persona_fidelity(model, tokenizer, persona, description,
+                                argparse.Namespace(data_dir=str(SHARED), n_eval=8, eval_tokens=32),
+                                JsonlCache(eval_cache), pruner.fingerprint)
+    return model, pruner, data, fidelity
