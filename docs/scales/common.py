@@ -11,6 +11,12 @@ from pruner.experiment import SHARED, persona_fidelity
 from pruner.pipeline import Pruner
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cache-dir`` (pruner cache with the persona's teacher answers) and ``--eval-cache`` (dense eval answers)."""
+    parser.add_argument("--cache-dir", default="/tmp/scache")
+    parser.add_argument("--eval-cache", default="/tmp/scales_eval_answers.jsonl")
+
+
 def persona_run(persona: str, group_size: int, cache_dir: str, eval_cache: str, sparsity: float = 0.5):
     """``(model, pruner, data, fidelity)`` for ``persona`` (one thread, as the runs in the docs)."""
     torch.set_num_threads(1)

@@ -18,14 +18,13 @@ from pruner.importance import activation_importance, collect_stats, scores_from_
 from pruner.learn import _optimize, learn_mask, learn_scales
 from pruner.masked_model import expand_groups, ste_mask, topk_keep
 
-from common import persona_run
+from common import add_run_arguments, persona_run
 
 p = argparse.ArgumentParser()
 p.add_argument("--persona", default="twilight_sparkle")
 p.add_argument("--sparsity", type=float, default=0.25)
 p.add_argument("--steps", type=int, default=60)
-p.add_argument("--cache-dir", default="/tmp/scache")
-p.add_argument("--eval-cache", default="/tmp/joint_eval_answers.jsonl")
+add_run_arguments(p)
 p.add_argument("--out", default="/tmp/joint.jsonl")
 a = p.parse_args()
 G = 16

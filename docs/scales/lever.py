@@ -24,7 +24,7 @@ from pruner.chat import (answer_logits, decoder_and_head, encode_prefix, kl_dive
 from pruner.learn import batch_indices
 from pruner.masked_model import channel_multiplier, expand_groups, ffn_activation_hook, freeze
 
-from common import persona_run
+from common import add_run_arguments, persona_run
 
 p = argparse.ArgumentParser()
 p.add_argument("--persona", required=True)
@@ -35,8 +35,7 @@ p.add_argument("--steps", type=int, default=60)
 p.add_argument("--lr", type=float, default=0.05)
 p.add_argument("--kl", type=float, default=10.0)
 p.add_argument("--holdout", type=int, default=0)
-p.add_argument("--cache-dir", default="/tmp/scache")
-p.add_argument("--eval-cache", default="/tmp/lever_eval_answers.jsonl")
+add_run_arguments(p)
 p.add_argument("--out", default="/tmp/lever_runs.jsonl")
 a = p.parse_args()
 bank = MaskBank.load(a.bank)
