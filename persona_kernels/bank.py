@@ -1,7 +1,8 @@
 """The mask bank: many personas' FFN channel-group masks for one base model (docs/FORMAT.md).
 
-In memory a persona is a :class:`PersonaMask` (a bool ``[L, n_groups]`` keep mask and optional
-``[L, d_ff]`` channel scales); a :class:`MaskBank` holds them with the base model's identity.
+In memory a persona is a :class:`PersonaMask` (a bool ``[L, n_groups]`` keep mask, optional
+``[L, d_ff]`` channel scales and optional ``[L, d_model]`` FFN input gains); a :class:`MaskBank`
+holds them with the base model's identity.
 Persona ids are 1-based positions in the bank; id 0 is reserved for the dense model.
 """
 
@@ -32,10 +33,12 @@ class ModelMismatchError(MaskBankError):
 
 @dataclass
 class PersonaMask:
-    """One persona: which channel groups each FFN layer keeps, and optional per-channel scales.
+    """One persona: which channel groups each FFN layer keeps, with optional scales and input gains.
 
     ``keep``: bool ``[L, n_groups]``. ``scales``: float32 ``[L, d_ff]`` (only kept channels matter)
-    or ``None`` for all ones. ``report``: free-form JSON-able training report.
+    or ``None`` for all ones. ``input_gains``: float32 ``[L, d_model]``, multiplying each FFN's input
+    (the normalised hidden state) before the gate and up projections, or ``None`` for all ones.
+    ``report``: free-form JSON-able training report.
     """
 
     name: str
@@ -44,6 +47,7 @@ class PersonaMask:
     method: str = "unknown"
     scales: torch.Tensor | None = None
     report: dict = field(default_factory=dict)
+    input_gains: torch.Tensor | None = None
 
     @property
     def sparsity(self) -> float:
@@ -80,6 +84,7 @@ class MaskBank:
             self.permutation = _checked_permutation(self.permutation, self.n_layers, self.d_ff)
         for persona in self.personas:
             self._check_persona(persona)
+        self._check_gain_widths(self.personas)
         names = [p.name for p in self.personas]
         if len(set(names)) != len(names):
             raise MaskBankError(f"duplicate persona names in bank: {sorted(n for n in set(names) if names.count(n) > 1)}")
@@ -88,6 +93,12 @@ class MaskBank:
     def n_groups(self) -> int:
         """Channel groups per layer."""
         return self.d_ff // self.group_size
+
+    @property
+    def gain_width(self) -> int | None:
+        """``d_model`` of the personas' FFN input gains, or ``None`` when no persona has gains."""
+        widths = {p.input_gains.shape[1] for p in self.personas if p.input_gains is not None}
+        return widths.pop() if widths else None
 
     @property
     def names(self) -> list[str]:
@@ -117,6 +128,7 @@ class MaskBank:
     def add(self, persona: PersonaMask) -> int:
         """Add ``persona``, replacing one of the same name in place; return its id."""
         self._check_persona(persona)
+        self._check_gain_widths([p for p in self.personas if p.name != persona.name] + [persona])
         for index, entry in enumerate(self.personas):
             if entry.name == persona.name:
                 self.personas[index] = persona
@@ -131,12 +143,17 @@ class MaskBank:
             raise MaskBankError("the dense persona cannot be removed")
         self.personas.pop(pid - 1)
 
-    def check_model(self, fingerprint: str, n_layers: int, d_ff: int, name: str = "") -> None:
+    def check_model(self, fingerprint: str, n_layers: int, d_ff: int, name: str = "", d_model: int | None = None) -> None:
         """Raise :class:`ModelMismatchError` naming the difference if the bank is not for this model."""
         if n_layers != self.n_layers or d_ff != self.d_ff:
             raise ModelMismatchError(
                 f"mask bank for {self.base_model!r} has {self.n_layers} layers x d_ff {self.d_ff}, "
                 f"but the model {name!r} has {n_layers} layers x d_ff {d_ff}"
+            )
+        if d_model is not None and self.gain_width not in (None, d_model):
+            raise ModelMismatchError(
+                f"mask bank for {self.base_model!r} has FFN input gains of width {self.gain_width}, "
+                f"but the model {name!r} has hidden size {d_model}"
             )
         if fingerprint != self.fingerprint:
             raise ModelMismatchError(
@@ -159,6 +176,17 @@ class MaskBank:
         for index, persona in enumerate(self.personas):
             if persona.scales is not None:
                 table[:, index + 1] = persona.scales
+        return table.to(device)
+
+    def input_gains_table(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """FFN input gains ``[L, P + 1, d_model]`` float32 (ones where a persona has none), or ``None`` if no persona has gains."""
+        width = self.gain_width
+        if width is None:
+            return None
+        table = torch.ones(self.n_layers, len(self.personas) + 1, width, dtype=torch.float32)
+        for index, persona in enumerate(self.personas):
+            if persona.input_gains is not None:
+                table[:, index + 1] = persona.input_gains
         return table.to(device)
 
     def save(self, path: str | Path) -> None:
@@ -188,9 +216,13 @@ class MaskBank:
             if p.scales is not None:
                 kept = p.scales[channel_keep(p.keep, self.group_size)]
                 scale_note = f"mean {float(kept.mean()):.3f}, range [{float(kept.min()):.3f}, {float(kept.max()):.3f}]" if kept.numel() else "none kept"
+            gain_note = ""
+            if p.input_gains is not None:
+                gains = p.input_gains
+                gain_note = f", input gains: mean {float(gains.mean()):.3f}, range [{float(gains.min()):.3f}, {float(gains.max()):.3f}]"
             lines.append(
                 f"  [{index + 1}] {p.name}: method {p.method}, sparsity {p.sparsity:.3f} "
-                f"(layers {min(per_layer):.2f}..{max(per_layer):.2f}), scales: {scale_note}"
+                f"(layers {min(per_layer):.2f}..{max(per_layer):.2f}), scales: {scale_note}{gain_note}"
             )
             if p.description:
                 text = p.description if len(p.description) <= 100 else p.description[:97] + "..."
@@ -217,10 +249,26 @@ class MaskBank:
                 )
             if not torch.isfinite(persona.scales).all():
                 raise MaskBankError(f"persona {persona.name!r}: scales contain NaN or infinity")
+        if persona.input_gains is not None:
+            gains = persona.input_gains
+            if gains.dim() != 2 or gains.shape[0] != self.n_layers or gains.shape[1] < 1 or not gains.is_floating_point():
+                raise MaskBankError(
+                    f"persona {persona.name!r}: input gains must be float [{self.n_layers}, d_model], "
+                    f"got {gains.dtype} {list(gains.shape)}"
+                )
+            if not torch.isfinite(gains).all():
+                raise MaskBankError(f"persona {persona.name!r}: input gains contain NaN or infinity")
         try:
             json.dumps(persona.report)
         except TypeError as error:
             raise MaskBankError(f"persona {persona.name!r}: report is not JSON-serialisable ({error})") from error
+
+
+    @staticmethod
+    def _check_gain_widths(personas: list[PersonaMask]) -> None:
+        widths = {p.name: p.input_gains.shape[1] for p in personas if p.input_gains is not None}
+        if len(set(widths.values())) > 1:
+            raise MaskBankError(f"personas' input gains disagree on d_model: {widths}")
 
 
 def _checked_permutation(permutation: torch.Tensor, n_layers: int, d_ff: int) -> torch.Tensor:

@@ -58,6 +58,9 @@ def bank_to_tensors(bank: MaskBank) -> tuple[dict[str, torch.Tensor], dict[str, 
     if has_scales:
         tensors["scales"] = torch.cat(scales) if scales else torch.zeros(0)
         tensors["scale_offsets"] = torch.tensor(scale_offsets, dtype=torch.int64)
+    gained = [p.input_gains.float() for p in bank.personas if p.input_gains is not None]
+    if gained:
+        tensors["input_gains"] = torch.stack(gained).contiguous()
     if bank.permutation is not None:
         tensors["permutation"] = bank.permutation.to(torch.int32).contiguous()
     table = [
@@ -68,6 +71,7 @@ def bank_to_tensors(bank: MaskBank) -> tuple[dict[str, torch.Tensor], dict[str, 
             "method": p.method,
             "sparsity": round(p.sparsity, 6),
             "has_scales": p.scales is not None,
+            "has_input_gains": p.input_gains is not None,
             "report": p.report,
         }
         for index, p in enumerate(bank.personas)
@@ -158,6 +162,7 @@ def load_bank(path: str | Path) -> MaskBank:
     n_groups, n_personas = d_ff // group_size, len(table)
     keep = _decode_keep(tensors, n_personas, n_layers, n_groups, where)
     scales = _decode_scales(tensors, table, keep, group_size, d_ff, where)
+    gains = _decode_input_gains(tensors, table, n_layers, where)
     personas = []
     for index, entry in enumerate(table):
         if entry.get("id") != index + 1:
@@ -170,6 +175,7 @@ def load_bank(path: str | Path) -> MaskBank:
                 method=entry.get("method", "unknown"),
                 scales=scales[index],
                 report=entry.get("report", {}),
+                input_gains=gains[index],
             )
         )
     permutation = tensors.get("permutation")
@@ -246,3 +252,24 @@ def _decode_scales(
                 table_scales[layer, channels] = flat[start:stop]
         result.append(table_scales)
     return result
+
+
+def _decode_input_gains(tensors: dict[str, torch.Tensor], table: list[dict], n_layers: int, where: str) -> list[torch.Tensor | None]:
+    wanted = [bool(entry.get("has_input_gains")) for entry in table]
+    if not any(wanted):
+        if "input_gains" in tensors:
+            raise MaskBankError(f"{where}: holds input_gains but no persona is marked has_input_gains")
+        return [None] * len(table)
+    if "input_gains" not in tensors:
+        raise MaskBankError(f"{where}: personas are marked has_input_gains but the input_gains tensor is missing")
+    stacked = tensors["input_gains"]
+    count = sum(wanted)
+    if stacked.dtype != torch.float32 or stacked.dim() != 3 or tuple(stacked.shape[:2]) != (count, n_layers):
+        raise MaskBankError(
+            f"{where}: input_gains must be float32 [{count}, {n_layers}, d_model] (one row per persona marked "
+            f"has_input_gains), got {stacked.dtype} {list(stacked.shape)}"
+        )
+    if not torch.isfinite(stacked).all():
+        raise MaskBankError(f"{where}: input_gains contain NaN or infinity")
+    rows = iter(stacked)
+    return [next(rows).clone() if flag else None for flag in wanted]

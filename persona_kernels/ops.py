@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 
 from .masks import num_words
-from .reference import ACTIVATIONS, masked_ffn_reference
+from .reference import ACTIVATIONS, apply_input_gains, masked_ffn_reference
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _MODULES = {
@@ -81,6 +81,7 @@ def check_masked_ffn_args(
     group_size: int,
     activation: str,
     check_ids: bool = True,
+    input_gains: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the first argument that breaks the operation's contract."""
     if x.dim() != 2:
@@ -114,6 +115,12 @@ def check_masked_ffn_args(
     n_personas = keep_bits.shape[0]
     if scales is not None and (tuple(scales.shape) != (n_personas, d_ff) or scales.device != x.device):
         raise ValueError(f"scales must be [{n_personas}, {d_ff}] on {x.device}, got {tuple(scales.shape)} on {scales.device}")
+    if input_gains is not None and (tuple(input_gains.shape) != (n_personas, d) or input_gains.device != x.device
+                                    or not input_gains.is_floating_point()):
+        raise ValueError(
+            f"input_gains must be float [{n_personas}, {d}] on {x.device}, got {input_gains.dtype} "
+            f"{tuple(input_gains.shape)} on {input_gains.device}"
+        )
     if check_ids and T > 0 and not torch.compiler.is_compiling():
         lo, hi = int(persona_ids.min()), int(persona_ids.max())
         if lo < 0 or hi >= n_personas:
@@ -152,6 +159,7 @@ def masked_ffn(
     activation: str = "silu",
     backend: str | None = None,
     check_ids: bool = True,
+    input_gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked gated FFN over shared packed weights for a batch of mixed personas.
 
@@ -170,12 +178,16 @@ def masked_ffn(
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` to choose.
         check_ids: verify persona ids are in range (synchronises a GPU; callers that validated
             ids already, or capture CUDA graphs, pass ``False``).
+        input_gains: optional ``[P, d]`` per-persona gains multiplying ``x`` first
+            (:func:`~persona_kernels.reference.apply_input_gains`; one elementwise pass, any backend).
 
     Returns:
         ``[T, d]`` output in ``x.dtype``; nothing is modified in place.
     """
-    check_masked_ffn_args(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, check_ids)
+    check_masked_ffn_args(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, check_ids, input_gains)
     name = resolve_backend(x.device, backend)
+    if input_gains is not None:
+        x = apply_input_gains(x, input_gains, persona_ids)
     return _masked_ffn_op(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, name)
 
 

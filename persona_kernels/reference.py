@@ -6,7 +6,9 @@ Semantics (one transformer layer, tokens ``t`` with persona ``p(t)``)::
     y[t]    = sum_c keep[p(t), c // G] * scale[p(t), c] * h[t, c] * down_t[c]
 
 where ``keep`` is the per-persona group bitmap (``keep_bits``) and ``scale`` is 1 where no
-scales are given. The dense persona is simply a row whose bits are all set.
+scales are given. The dense persona is simply a row whose bits are all set. Optional per-persona
+FFN input gains first replace ``x[t]`` by ``x[t] * gain[p(t)]``, rounded to ``x``'s dtype
+(:func:`apply_input_gains`); a serving stack applies them once per layer before any backend.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
+def apply_input_gains(x: torch.Tensor, input_gains: torch.Tensor, persona_ids: torch.Tensor) -> torch.Tensor:
+    """``x[t] * input_gains[persona_ids[t]]`` computed in float32 and rounded to ``x.dtype`` (``x [T, d]``, gains ``[P, d]``)."""
+    gains = input_gains.index_select(0, persona_ids.long())
+    return (x.float() * gains.float()).to(x.dtype)
+
+
 def masked_ffn_reference(
     x: torch.Tensor,
     gate_up: torch.Tensor,
@@ -38,6 +46,7 @@ def masked_ffn_reference(
     group_size: int,
     activation: str,
     upcast: bool = True,
+    input_gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked gated FFN for a batch of tokens of mixed personas.
 
@@ -52,10 +61,13 @@ def masked_ffn_reference(
         activation: ``"silu"`` or ``"gelu_tanh"``.
         upcast: compute in float32 (the oracle); ``False`` computes in the input dtype with
             the intermediate rounded like a stock Hugging Face MLP, to measure rounding noise.
+        input_gains: ``[P, d]`` float per-persona gains on the input, or ``None`` for all ones.
 
     Returns:
         ``[T, d]`` in ``x.dtype``.
     """
+    if input_gains is not None:
+        x = apply_input_gains(x, input_gains, persona_ids)
     d_ff = gate_up.shape[0]
     compute = torch.float32 if upcast else x.dtype
     xc, wgu, wd = x.to(compute), gate_up.to(compute), down_t.to(compute)

@@ -45,6 +45,8 @@ class PrunerConfig:
     scale_steps: int = 20
     scale_lr: float = 0.05  # 0.01 barely moved the scales in a few steps (docs/SCALES.md)
     scale_kl_weight: float = 10.0  # scales fit the dense persona's distribution better than its greedy tokens (docs/SCALES.md)
+    input_gains: bool = False  # also learn one gain per FFN input dimension, jointly with the scales (docs/SCALES.md)
+    gain_lr: float = 0.01
     checkpoint_every: int = 10
     seed: int = 0
     cache_dir: str | None = None  # None: $PERSONA_KERNELS_CACHE/pruner or ~/.cache/persona-kernels/pruner
@@ -80,6 +82,10 @@ class PrunerConfig:
             raise PrunerInputError("steps and scale_steps must be non-negative")
         if self.ste not in ("identity", "sigmoid"):
             raise PrunerInputError(f"ste must be 'identity' or 'sigmoid', got {self.ste!r}")
+        if self.input_gains and not self.scales:
+            raise PrunerInputError("input gains are learned together with the scales; drop --no-scales or --input-gains")
+        if self.scale_lr <= 0 or self.gain_lr <= 0:
+            raise PrunerInputError(f"scale_lr and gain_lr must be positive, got {self.scale_lr} and {self.gain_lr}")
         if self.kl_weight < 0 or self.scale_kl_weight < 0:
             raise PrunerInputError(f"kl weights must be non-negative, got {self.kl_weight} and {self.scale_kl_weight}")
         unknown = [b for b in self.baselines if b not in BASELINES]
@@ -92,12 +98,16 @@ class PrunerConfig:
 
 
 def add_scale_arguments(parser: argparse.ArgumentParser, steps: int | None = None) -> None:
-    """``--scale-steps``, ``--scale-lr`` and ``--scale-kl-weight``, defaulting to :class:`PrunerConfig`'s (or ``steps``)."""
+    """``--scale-steps``, ``--scale-lr``, ``--scale-kl-weight``, ``--input-gains`` and ``--gain-lr``, defaulting to
+    :class:`PrunerConfig`'s (or ``steps``)."""
     parser.add_argument("--scale-steps", type=int, default=PrunerConfig.scale_steps if steps is None else steps,
                         help="scale learning steps (scales want more data than masks)")
     parser.add_argument("--scale-lr", type=float, default=PrunerConfig.scale_lr)
     parser.add_argument("--scale-kl-weight", type=float, default=PrunerConfig.scale_kl_weight,
                         help="weight of KL to the dense persona in the scales' loss (answer cross-entropy has weight 1)")
+    parser.add_argument("--input-gains", action="store_true",
+                        help="also learn a per-persona gain on each FFN input dimension, jointly with the scales")
+    parser.add_argument("--gain-lr", type=float, default=PrunerConfig.gain_lr, help="learning rate of the input gains")
 
 
 def validate_description(description: str) -> str:

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     config = PrunerConfig(group_size=args.group_size, steps=args.steps, scale_steps=args.scale_steps, n_train=args.n_train,
                           max_pool=args.max_pool, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           pool=args.pool, kl_weight=args.kl_weight, lr=args.lr, scale_lr=args.scale_lr,
-                          scale_kl_weight=args.scale_kl_weight,
+                          scale_kl_weight=args.scale_kl_weight, input_gains=args.input_gains, gain_lr=args.gain_lr,
                           baselines=tuple(BASELINES) if args.baselines == "all" else tuple(b for b in args.baselines.split(",") if b and b != "none"),
                           progress=False, cache_dir=str(out / "cache"))
     pruner = Pruner(model, tokenizer, config)
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> None:
             t1 = time.perf_counter()
             masks = pruner.prune(pid, description)
             prune_s = time.perf_counter() - t1
-            measured = [(f"persona-pruner{args.tag}", masks[0].keep, masks[0].scales),
-                        (f"persona-pruner{args.tag} (no scales)", masks[0].keep, None)]
-            measured += [(m.method, m.keep, None) for m in masks[1:]]
-            for method, keep, scales in measured:
-                score = fidelity.measure(keep, config.group_size, scales)
+            measured = [(f"persona-pruner{args.tag}", masks[0].keep, masks[0].scales, masks[0].input_gains),
+                        (f"persona-pruner{args.tag} (no scales)", masks[0].keep, None, None)]
+            measured += [(m.method, m.keep, None, None) for m in masks[1:]]
+            for method, keep, scales, gains in measured:
+                score = fidelity.measure(keep, config.group_size, scales, gains)
                 result = {"persona": pid, "sparsity": sparsity, "method": method, **score}
                 results.append(result)
                 with open(results_path, "a") as stream:

@@ -50,9 +50,10 @@ class FidelityEval:
         top1 = torch.cat([(d.argmax(-1) == o.argmax(-1)).float() for d, o in zip(self.dense, logits)])
         return {"kl": float(kl.mean()), "top1": float(top1.mean()), "tokens": int(kl.numel())}
 
-    def measure(self, keep: torch.Tensor, group_size: int, scales: torch.Tensor | None = None) -> dict[str, float]:
-        """Fidelity of a mask applied through the pruner's hooks."""
-        return self.compare(self._logits(fixed_mask(self.model, keep, group_size, scales)))
+    def measure(self, keep: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
+                input_gains: torch.Tensor | None = None) -> dict[str, float]:
+        """Fidelity of a mask (with optional scales and FFN input gains) applied through the pruner's hooks."""
+        return self.compare(self._logits(fixed_mask(self.model, keep, group_size, scales, input_gains)))
 
     def measure_attached(self, bank, persona: str) -> dict[str, float]:
         """Fidelity of ``persona`` from ``bank`` run through :func:`persona_kernels.hf.attach_bank` (the users' path)."""

@@ -1,7 +1,8 @@
 """Learning a persona's top-k channel-group mask (straight-through) and then its per-channel scales.
 
-Weights stay frozen; only ``scores [L, n_groups]`` (then ``scales [L, d_ff]``) are trained, with
-Adam, on next-token cross-entropy over answer tokens (optionally + KL to the dense model's logits).
+Weights stay frozen; only ``scores [L, n_groups]`` (then ``scales [L, d_ff]``, optionally with FFN
+input gains ``[L, d_model]``) are trained, with Adam, on next-token cross-entropy over answer tokens
+(optionally + KL to the dense model's logits).
 Batches follow a seeded per-epoch permutation that depends only on (seed, step), so a run resumed
 from a checkpoint (scores/scales, optimizer, step, loss curve; written atomically every N steps)
 gives the same result as an uninterrupted one.
@@ -9,15 +10,20 @@ gives the same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from persona_kernels.hf.ffn import model_ffn_shape
+
 from .chat import Batch, answer_logits, encode_prefix, make_batch, token_loss
-from .masked_model import channel_multiplier, expand_groups, freeze, ste_mask, topk_keep
+from .masked_model import channel_multiplier, expand_groups, freeze, input_gain, ste_mask, topk_keep
 
 
 @dataclass
@@ -71,10 +77,11 @@ def _save(path: Path, state: dict) -> None:
     temp.replace(path)
 
 
-def _optimize(model, data: TrainingData, parameter: torch.Tensor, multiplier, steps: int, lr: float, kl_weight: float,
-              batch_size: int, seed: int, checkpoint: Path | None, checkpoint_every: int, desc: str, progress: bool,
-              stop_after: int | None) -> LearnResult:
-    """Adam on ``parameter`` for ``steps`` steps of the masked model's answer loss (shared by masks and scales)."""
+def _optimize(model, data: TrainingData, parameter: torch.Tensor, apply: Callable[[torch.Tensor], AbstractContextManager],
+              steps: int, lr: float, kl_weight: float, batch_size: int, seed: int, checkpoint: Path | None,
+              checkpoint_every: int, desc: str, progress: bool, stop_after: int | None) -> LearnResult:
+    """Adam on ``parameter`` for ``steps`` steps of the answer loss of the model run inside ``apply(parameter)``
+    (shared by masks and scales)."""
     freeze(model)
     parameter = parameter.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([parameter], lr=lr)
@@ -96,7 +103,7 @@ def _optimize(model, data: TrainingData, parameter: torch.Tensor, multiplier, st
         if dense_past is not None:
             with torch.no_grad():
                 teacher, _ = answer_logits(model, data.prefix, batch, dense_past)
-        with channel_multiplier(model, lambda: multiplier(parameter)):
+        with apply(parameter):
             logits, targets = answer_logits(model, data.prefix, batch)
             loss = token_loss(logits, targets, teacher, kl_weight)
         optimizer.zero_grad()
@@ -119,29 +126,45 @@ def learn_mask(model, data: TrainingData, init_scores: torch.Tensor, k: int, gro
     torch.manual_seed(seed)
     device = next(model.parameters()).device
 
-    def multiplier(scores: torch.Tensor) -> torch.Tensor:
-        return expand_groups(ste_mask(scores, k, ste), group_size).to(device)
+    def apply(scores: torch.Tensor) -> AbstractContextManager:
+        return channel_multiplier(model, lambda: expand_groups(ste_mask(scores, k, ste), group_size).to(device))
 
-    result = _optimize(model, data, init_scores.float(), multiplier, steps, lr, kl_weight, batch_size, seed, checkpoint,
+    result = _optimize(model, data, init_scores.float(), apply, steps, lr, kl_weight, batch_size, seed, checkpoint,
                        checkpoint_every, "mask learning", progress, stop_after)
     return topk_keep(result.value, k), result
 
 
 def learn_scales(model, data: TrainingData, keep: torch.Tensor, group_size: int, *, steps: int, lr: float, batch_size: int,
-                 seed: int, kl_weight: float = 0.0, checkpoint: Path | None = None, checkpoint_every: int = 10,
-                 progress: bool = True, stop_after: int | None = None) -> tuple[torch.Tensor, LearnResult]:
-    """Learn one scale per channel (init 1) with ``keep`` fixed; return scales ``[L, d_ff]`` (1 on dropped channels)."""
+                 seed: int, kl_weight: float = 0.0, input_gains: bool = False, gain_lr: float = 0.01,
+                 checkpoint: Path | None = None, checkpoint_every: int = 10, progress: bool = True,
+                 stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, LearnResult]:
+    """Learn one scale per channel (init 1) with ``keep`` fixed, and with ``input_gains`` one gain per FFN input
+    dimension (init 1, learning rate ``gain_lr``) jointly; return ``(scales [L, d_ff], gains [L, d_model] or None,
+    result)``, scales 1 on dropped channels."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     channel = expand_groups(keep.float(), group_size)
+    d_ff = channel.shape[1]
+    d_model = model_ffn_shape(model)[2] if input_gains else 0
+    # Gains ride in the same tensor as the scales: gain = 1 + (p - 1) * gain_lr / lr makes Adam's
+    # step on them gain_lr (Adam is invariant to the gradient's scale), with one optimizer and checkpoint.
+    stretch = gain_lr / lr
 
-    def multiplier(scales: torch.Tensor) -> torch.Tensor:
-        return (channel * scales).to(device)
+    def split(parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return channel * parameter[:, :d_ff], 1 + (parameter[:, d_ff:] - 1) * stretch
 
-    result = _optimize(model, data, torch.ones_like(channel), multiplier, steps, lr, kl_weight, batch_size, seed + 1,
+    @contextlib.contextmanager
+    def apply(parameter: torch.Tensor) -> Iterator[None]:
+        gains = input_gain(model, lambda: split(parameter)[1].to(device)) if input_gains else contextlib.nullcontext()
+        with channel_multiplier(model, lambda: split(parameter)[0].to(device)), gains:
+            yield
+
+    start = torch.ones(channel.shape[0], d_ff + d_model)
+    result = _optimize(model, data, start, apply, steps, lr, kl_weight, batch_size, seed + 1,
                        checkpoint, checkpoint_every, "scale learning", progress, stop_after)
-    scales = torch.where(channel.bool(), result.value, torch.ones_like(result.value))
-    return scales, result
+    scales = torch.where(channel.bool(), result.value[:, :d_ff], torch.ones_like(channel))
+    gains = split(result.value)[1] if input_gains else None
+    return scales, gains, result
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 ``y = down_proj(multiplier[layer] * act(gate(x)) * up(x))`` where ``multiplier`` is ``[L, d_ff]``:
 a hard top-k group mask with a straight-through gradient while learning the mask, and
-``mask * scales`` while learning scales or evaluating.
+``mask * scales`` while learning scales or evaluating. Optional FFN input gains ``[L, d_model]``
+multiply each MLP's input (hooks on each MLP).
 """
 
 from __future__ import annotations
@@ -80,13 +81,42 @@ def channel_multiplier(model: nn.Module, multiplier: Callable[[], torch.Tensor] 
 
 
 @contextlib.contextmanager
-def fixed_mask(model: nn.Module, keep: torch.Tensor, group_size: int, scales: torch.Tensor | None = None) -> Iterator[None]:
-    """Run the model as the persona ``keep`` (bool ``[L, n_groups]``) with optional ``scales`` ``[L, d_ff]``."""
+def input_gain(model: nn.Module, gains: Callable[[], torch.Tensor] | torch.Tensor) -> Iterator[None]:
+    """Within the block, every FFN's input is multiplied by ``gains[layer]`` (``[L, d_model]``).
+
+    ``gains`` may be a callable evaluated once per forward of layer 0, as in :func:`channel_multiplier`.
+    """
+    _check_unattached(model)
+    layers = find_ffn_layers(model)
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(index: int):
+        def pre(module, args):
+            if index == 0 or "value" not in current:
+                current["value"] = gains() if callable(gains) else gains
+            return (args[0] * current["value"][index].to(args[0].dtype),) + tuple(args[1:])
+
+        return pre
+
+    handles = [layer.mlp.register_forward_pre_hook(hook(layer.index)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def fixed_mask(model: nn.Module, keep: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
+               input_gains: torch.Tensor | None = None) -> Iterator[None]:
+    """Run the model as the persona ``keep`` (bool ``[L, n_groups]``) with optional ``scales`` ``[L, d_ff]``
+    and ``input_gains`` ``[L, d_model]``."""
     device = next(model.parameters()).device
     factor = expand_groups(keep.float(), group_size)
     if scales is not None:
         factor = factor * scales.float()
-    with channel_multiplier(model, factor.to(device)):
+    gains = contextlib.nullcontext() if input_gains is None else input_gain(model, input_gains.float().to(device))
+    with channel_multiplier(model, factor.to(device)), gains:
         yield
 
 

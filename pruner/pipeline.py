@@ -122,8 +122,11 @@ class Pruner:
     def _checkpoint(self, persona_key: str, method: str) -> Path:
         c = self.config
         # the step count is not part of the key: a rerun with more (or fewer) steps continues from the checkpoint
-        kl_weight = {"generic-learned": 0.0, "scales": c.scale_kl_weight}.get(method, c.kl_weight)  # generic: no teacher
-        lr = c.scale_lr if method == "scales" else c.lr  # a new scale lr must not discard the mask's checkpoint
+        recovery = method in ("scales", "scales+gains")
+        kl_weight = 0.0 if method == "generic-learned" else c.scale_kl_weight if recovery else c.kl_weight  # generic: no teacher
+        lr = c.scale_lr if recovery else c.lr  # a new scale lr must not discard the mask's checkpoint
+        if method == "scales+gains":
+            lr = f"{lr}|{c.gain_lr}"
         settings = f"{method}|{c.sparsity}|{c.group_size}|{lr}|{c.batch_size}|{c.ste}|{kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}"
         return self.cache_dir / "checkpoints" / f"{persona_key}_{text_hash(settings)}.pt"
 
@@ -171,16 +174,17 @@ class Pruner:
                                   progress=c.progress)
         report = dict(report)
         report.update(learn_s=round(result.seconds, 2), resumed_at_step=result.resumed_at, loss_curve=_subsample_curve(result.curve))
-        scales = None
+        scales = gains = None
         if c.scales and c.scale_steps > 0:
-            scales, scale_result = learn_scales(self.model, data, keep, c.group_size, steps=c.scale_steps, lr=c.scale_lr,
-                                                batch_size=c.batch_size, seed=c.seed, kl_weight=c.scale_kl_weight,
-                                                checkpoint=self._checkpoint(persona_key, "scales"),
-                                                checkpoint_every=c.checkpoint_every, progress=c.progress)
+            scales, gains, scale_result = learn_scales(
+                self.model, data, keep, c.group_size, steps=c.scale_steps, lr=c.scale_lr, batch_size=c.batch_size,
+                seed=c.seed, kl_weight=c.scale_kl_weight, input_gains=c.input_gains, gain_lr=c.gain_lr,
+                checkpoint=self._checkpoint(persona_key, "scales+gains" if c.input_gains else "scales"),
+                checkpoint_every=c.checkpoint_every, progress=c.progress)
             report.update(scales_s=round(scale_result.seconds, 2), scale_loss_curve=_subsample_curve(scale_result.curve))
         report.update(total_s=round(time.perf_counter() - began, 2), sparsity=c.sparsity, group_size=c.group_size,
                       config=c.to_dict())
-        masks = [PersonaMask(name, keep, description, "persona-pruner", scales, report)]
+        masks = [PersonaMask(name, keep, description, "persona-pruner", scales, report, input_gains=gains)]
         masks += [self.baseline(name, description, method, data) for method in c.baselines]
         return masks
 

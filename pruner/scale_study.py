@@ -5,8 +5,8 @@
 
 For each persona of the bank (its ``persona-pruner`` entry, mask kept as learned), scales are
 learned with :func:`pruner.learn.learn_scales` on that persona's calibration data (CE + KL to the
-dense persona; by default 160 sequences, 60 steps, KL weight 10), then the judge-free fidelity of
-the mask alone and of the mask with scales is measured on the held-out ``eval/<persona>.jsonl``
+dense persona; by default 160 sequences, 60 steps, KL weight 10; ``--input-gains`` learns FFN input
+gains with them), then the judge-free fidelity of the mask alone and of the mask with scales is measured on the held-out ``eval/<persona>.jsonl``
 questions (as in :mod:`pruner.experiment`).
 Rows go to ``scales.jsonl`` and ``scales.md``, both rewritten after each persona.
 """
@@ -48,8 +48,25 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 def _recipe(args: argparse.Namespace) -> dict:
     """This run's scale recipe, keyed as in ``scales.jsonl`` rows (and, via :func:`_report_keys`, bank reports)."""
-    return {"scale_steps": args.scale_steps, "scale_lr": args.scale_lr, "scale_kl_weight": args.scale_kl_weight,
-            "n_train": args.n_train}
+    recipe = {"scale_steps": args.scale_steps, "scale_lr": args.scale_lr, "scale_kl_weight": args.scale_kl_weight,
+              "n_train": args.n_train, "input_gains": args.input_gains}
+    if args.input_gains:
+        recipe["gain_lr"] = args.gain_lr
+    return recipe
+
+
+_UNRECORDED = {"input_gains": False, "scale_n_train": None}
+"""What rows and reports written before a key was recorded meant by its absence (``None``: whatever is asked)."""
+
+
+def _matches(record: dict, wanted: dict) -> bool:
+    """Whether ``record`` holds every ``wanted`` value, reading absent keys as :data:`_UNRECORDED` says."""
+    def value(key):
+        if key in record or key not in _UNRECORDED:
+            return record.get(key)
+        return wanted[key] if _UNRECORDED[key] is None else _UNRECORDED[key]
+
+    return all(value(k) == v for k, v in wanted.items())
 
 
 def _report_keys(recipe: dict) -> dict:
@@ -59,15 +76,12 @@ def _report_keys(recipe: dict) -> dict:
 
 def _same_run(row: dict, persona: str, sparsity: float, recipe: dict) -> bool:
     """Whether a ``scales.jsonl`` row measured ``persona`` at ``sparsity`` with ``recipe``."""
-    return row["persona"] == persona and row["sparsity"] == sparsity and all(row.get(k) == v for k, v in recipe.items())
+    return row["persona"] == persona and row["sparsity"] == sparsity and _matches(row, recipe)
 
 
 def _carries_scales(report: dict, recipe: dict) -> bool:
-    """Whether a ``--bank-out`` entry's report says its scales were learned here with ``recipe``.
-
-    Entries written before ``scale_n_train`` was recorded count as matching on it."""
-    wanted = _report_keys(recipe)
-    return all(report.get(k, wanted[k] if k == "scale_n_train" else None) == v for k, v in wanted.items())
+    """Whether a ``--bank-out`` entry's report says its scales (and gains) were learned here with ``recipe``."""
+    return _matches(report, _report_keys(recipe))
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
@@ -137,18 +151,21 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
         rows = [r for r in rows if r not in measured]  # relearned: its bank entry was missing, its row is replaced
         data, data_report = pruner.persona_data(description)
         began = time.perf_counter()
-        scales, result = learn_scales(model, data, mask.keep, bank.group_size, steps=args.scale_steps, lr=args.scale_lr,
-                                      batch_size=args.batch_size, seed=config.seed, kl_weight=args.scale_kl_weight, progress=False)
+        scales, gains, result = learn_scales(model, data, mask.keep, bank.group_size, steps=args.scale_steps,
+                                             lr=args.scale_lr, batch_size=args.batch_size, seed=config.seed,
+                                             kl_weight=args.scale_kl_weight, input_gains=args.input_gains,
+                                             gain_lr=args.gain_lr, progress=False)
         learn_s = time.perf_counter() - began
         kept_scales = scales[expand_groups(mask.keep, bank.group_size)]
         fidelity = persona_fidelity(model, tokenizer, pid, description, args, eval_cache, pruner.fingerprint)
         alone = fidelity.measure(mask.keep, bank.group_size)
-        scaled = fidelity.measure(mask.keep, bank.group_size, scales)
+        scaled = fidelity.measure(mask.keep, bank.group_size, scales, gains)
         result_row = {"persona": pid, "sparsity": sparsity, "kl_mask": alone["kl"], "top1_mask": alone["top1"],
                       "kl_scaled": scaled["kl"], "top1_scaled": scaled["top1"], "reduction": 1 - scaled["kl"] / alone["kl"],
                       "eval_tokens": alone["tokens"], "train_sequences": data_report["train_sequences"],
                       "answer_tokens": data_report["answer_tokens"], **recipe, "scales_s": round(learn_s, 1),
                       "scale_range": [round(float(kept_scales.min()), 3), round(float(kept_scales.max()), 3)],
+                      **({} if gains is None else {"gain_range": [round(float(gains.min()), 3), round(float(gains.max()), 3)]}),
                       "loss_first_last": [round(result.curve[0][1], 3), round(result.curve[-1][1], 3)] if result.curve else []}
         rows.append(result_row)
         _write_rows(rows, results_path)
@@ -156,7 +173,7 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
         if args.bank_out:
             report = dict(mask.report, scales_s=result_row["scales_s"], scale_train_sequences=result_row["train_sequences"],
                           **_report_keys(recipe))
-            bank.add(replace(mask, scales=scales, report=report))
+            bank.add(replace(mask, scales=scales, input_gains=gains, report=report))
             bank.save(args.bank_out)
         print(f"{pid} s={sparsity}: KL {alone['kl']:.3f} -> {scaled['kl']:.3f} ({100 * result_row['reduction']:.1f}%)", flush=True)
     return rows

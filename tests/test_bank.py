@@ -18,7 +18,11 @@ from persona_kernels.masks import bits_to_keep
 N_LAYERS, D_FF, G = 3, 256, 4  # 64 groups per layer -> 2 bitmap words
 
 
-def make_bank(n_personas: int = 2, scales: bool = True, permutation: bool = False, seed: int = 0) -> MaskBank:
+D_MODEL = 24
+
+
+def make_bank(n_personas: int = 2, scales: bool = True, permutation: bool = False, seed: int = 0,
+              gains: bool = False) -> MaskBank:
     gen = torch.Generator().manual_seed(seed)
     personas = []
     for index in range(n_personas):
@@ -32,6 +36,7 @@ def make_bank(n_personas: int = 2, scales: bool = True, permutation: bool = Fals
                 method="test",
                 scales=torch.rand(N_LAYERS, D_FF, generator=gen) + 0.5 if scales and index % 2 == 0 else None,
                 report={"seed": seed, "index": index},
+                input_gains=torch.rand(N_LAYERS, D_MODEL, generator=gen) + 0.5 if gains and index % 2 == 1 else None,
             )
         )
     perm = torch.stack([torch.randperm(D_FF, generator=gen) for _ in range(N_LAYERS)]) if permutation else None
@@ -48,18 +53,22 @@ def assert_banks_equal(a: MaskBank, b: MaskBank) -> None:
         if pa.scales is not None:
             kept = pa.keep.repeat_interleave(G, dim=1)
             assert torch.equal(pa.scales[kept], pb.scales[kept]), pa.name  # only kept channels are stored
+        assert (pa.input_gains is None) == (pb.input_gains is None), pa.name
+        if pa.input_gains is not None:
+            assert torch.equal(pa.input_gains, pb.input_gains), pa.name
     assert (a.permutation is None) == (b.permutation is None)
     if a.permutation is not None:
         assert torch.equal(a.permutation, b.permutation)
 
 
 @pytest.mark.parametrize(
-    "n_personas, scales, permutation",
-    [(3, True, False), (2, False, False), (3, True, True), (0, False, False), (0, False, True)],
-    ids=["scales", "no-scales", "permutation", "zero-personas", "zero-personas-permutation"],
+    "n_personas, scales, permutation, gains",
+    [(3, True, False, False), (2, False, False, False), (3, True, True, False), (0, False, False, False),
+     (0, False, True, False), (3, True, True, True), (2, False, False, True)],
+    ids=["scales", "no-scales", "permutation", "zero-personas", "zero-personas-permutation", "gains", "gains-only"],
 )
-def test_round_trip(tmp_path: Path, n_personas: int, scales: bool, permutation: bool) -> None:
-    bank = make_bank(n_personas, scales, permutation)
+def test_round_trip(tmp_path: Path, n_personas: int, scales: bool, permutation: bool, gains: bool) -> None:
+    bank = make_bank(n_personas, scales, permutation, gains=gains)
     path = tmp_path / "bank.safetensors"
     bank.save(path)
     loaded = MaskBank.load(path)
@@ -72,6 +81,14 @@ def test_round_trip(tmp_path: Path, n_personas: int, scales: bool, permutation: 
         assert torch.equal(table[kept], loaded_table[kept])  # scales of dropped channels are not stored
     assert loaded.keep_bits().shape == (N_LAYERS, n_personas + 1, 2)
     assert "persona(s)" in loaded.summary()
+    assert ("input gains" in loaded.summary()) == gains
+    gain_table = loaded.input_gains_table()
+    assert (gain_table is None) == (not gains)
+    if gains:
+        assert gain_table.shape == (N_LAYERS, n_personas + 1, D_MODEL)
+        assert torch.equal(gain_table[:, 0], torch.ones(N_LAYERS, D_MODEL))  # the dense row
+        assert torch.equal(gain_table[:, 1], torch.ones(N_LAYERS, D_MODEL))  # persona 1 has no gains
+        assert torch.equal(gain_table[:, 2], bank.personas[1].input_gains)
 
 
 def test_scales_table_dense_row_is_ones() -> None:
@@ -93,7 +110,7 @@ def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def tampered(tmp_path: Path, edit) -> Path:
-    tensors, metadata = bank_to_tensors(make_bank(2, scales=True))
+    tensors, metadata = bank_to_tensors(make_bank(2, scales=True, gains=True))
     tensors = {k: v.clone() for k, v in tensors.items()}
     edit(tensors, metadata)
     return write_raw(tmp_path / "bad.safetensors", tensors, metadata)
@@ -126,6 +143,11 @@ BAD_FILES = {
     "not-a-bank": (lambda t, m: m.__setitem__("format", "something-else"), "not a persona mask bank"),
     "offsets": (lambda t, m: t.__setitem__("kept_offsets", t["kept_offsets"][:-1]), "kept_offsets"),
     "scales-count": (lambda t, m: t.__setitem__("scales", t["scales"][:-1]), "scale"),
+    "gains-count": (lambda t, m: t.__setitem__("input_gains", torch.cat([t["input_gains"]] * 2)), "input_gains must be"),
+    "gains-dtype": (lambda t, m: t.__setitem__("input_gains", t["input_gains"].double()), "input_gains must be"),
+    "gains-nan": (lambda t, m: t["input_gains"].__setitem__((0, 0, 0), float("nan")), "input_gains contain NaN"),
+    "gains-missing": (lambda t, m: t.pop("input_gains"), "input_gains tensor is missing"),
+    "gains-unflagged": (_edit_table("has_input_gains", False), "no persona is marked has_input_gains"),
     "table-ids": (_edit_table("id", 5), "persona table ids"),
     "duplicate-names": (_edit_table("name", "persona-0"), "duplicate persona names"),
     "reserved-name": (_edit_table("name", "dense"), "reserved"),
@@ -193,6 +215,16 @@ def test_in_memory_checks() -> None:
     with pytest.raises(MaskBankError, match="out of range"):
         bank.persona_id(2)
     assert bank.persona_id(None) == bank.persona_id("dense") == 0 and bank.persona_id("persona-0") == 1
+    keep = bank.personas[0].keep
+    with pytest.raises(MaskBankError, match="input gains must be"):
+        bank.add(PersonaMask("x", keep, input_gains=torch.ones(N_LAYERS + 1, D_MODEL)))
+    with pytest.raises(MaskBankError, match="input gains contain NaN"):
+        bank.add(PersonaMask("x", keep, input_gains=torch.full((N_LAYERS, D_MODEL), float("nan"))))
+    bank.add(PersonaMask("x", keep, input_gains=torch.ones(N_LAYERS, D_MODEL)))
+    with pytest.raises(MaskBankError, match="disagree on d_model"):
+        bank.add(PersonaMask("y", keep, input_gains=torch.ones(N_LAYERS, D_MODEL + 1)))
+    bank.add(PersonaMask("x", keep, input_gains=torch.ones(N_LAYERS, D_MODEL + 1)))  # replacing the only one is fine
+    assert bank.gain_width == D_MODEL + 1
 
 
 # ---- atomic saves ----
@@ -231,4 +263,8 @@ def test_bank_refuses_other_model() -> None:
         bank.check_model("f" * 32, N_LAYERS + 1, D_FF, "deeper")
     with pytest.raises(ModelMismatchError, match="d_ff"):
         bank.check_model("f" * 32, N_LAYERS, 2 * D_FF, "wider")
+    gained = make_bank(2, gains=True)
+    gained.check_model("f" * 32, N_LAYERS, D_FF, "same", D_MODEL)
+    with pytest.raises(ModelMismatchError, match="hidden size"):
+        gained.check_model("f" * 32, N_LAYERS, D_FF, "other-width", 2 * D_MODEL)
     assert issubclass(ModelMismatchError, MaskBankError)

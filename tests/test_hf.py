@@ -63,9 +63,10 @@ def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
 MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 
 
-def random_bank(model, n_personas: int = 2, scales: bool = True, permutation: bool = True, seed: int = 1) -> MaskBank:
-    """Personas with random masks of varying density per layer, random scales, and a random permutation."""
-    n_layers, d_ff, _ = model_ffn_shape(model)
+def random_bank(model, n_personas: int = 2, scales: bool = True, permutation: bool = True, seed: int = 1,
+                gains: bool = True) -> MaskBank:
+    """Personas with random masks of varying density per layer, random scales and input gains, and a random permutation."""
+    n_layers, d_ff, d_model = model_ffn_shape(model)
     gen = torch.Generator().manual_seed(seed)
     personas = []
     for index in range(n_personas):
@@ -75,6 +76,7 @@ def random_bank(model, n_personas: int = 2, scales: bool = True, permutation: bo
         personas.append(PersonaMask(
             f"p{index + 1}", keep, description=f"persona {index + 1}", method="random",
             scales=torch.rand(n_layers, d_ff, generator=gen) + 0.5 if scales else None,
+            input_gains=torch.rand(n_layers, d_model, generator=gen) + 0.5 if gains else None,
         ))
     perm = torch.stack([torch.randperm(d_ff, generator=gen) for _ in range(n_layers)]) if permutation else None
     return MaskBank("tiny", model_fingerprint(model), n_layers, d_ff, G, personas, permutation=perm)
@@ -105,10 +107,11 @@ def test_dense_persona_matches_original(kind: str) -> None:
     torch.testing.assert_close(logits(model, ids, persona="dense"), expected, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("gains", [True, False], ids=["gains", "no-gains"])
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_persona_matches_exported_checkpoint(kind: str, tmp_path: Path) -> None:
+def test_persona_matches_exported_checkpoint(kind: str, gains: bool, tmp_path: Path) -> None:
     model = MODELS[kind]()
-    bank = random_bank(model, scales=True, permutation=True)
+    bank = random_bank(model, scales=True, permutation=True, gains=gains)
     ids = tokens()
     dense = logits(model, ids)
     attach_bank(model, bank)
@@ -119,6 +122,7 @@ def test_persona_matches_exported_checkpoint(kind: str, tmp_path: Path) -> None:
     meta = json.loads((out / "persona_export.json").read_text())
     kept = bank.get("p1").keep.sum(1) * G
     assert meta["kept_channels_per_layer"] == kept.tolist()
+    assert meta["scales_folded"] and meta["input_gains_folded"] == gains
     assert exported.config.intermediate_size == int(kept.max()) < model_ffn_shape(model)[1]
     with persona(model, "p1"):
         attached = logits(model, ids)
@@ -241,6 +245,14 @@ def test_refuses_bank_of_other_model() -> None:
         attach_bank(deeper, random_bank(model))
     with pytest.raises(ModelMismatchError):
         export_pruned(deeper, random_bank(model), "p1", "/nonexistent/never-written")
+    wide_gains = random_bank(model, gains=False)
+    n_layers, _, d_model = model_ffn_shape(model)
+    wide_gains.personas[0].input_gains = torch.ones(n_layers, d_model + 8)
+    with pytest.raises(ModelMismatchError, match="hidden size"):
+        attach_bank(model, wide_gains)
+    with pytest.raises(ModelMismatchError, match="hidden size"):
+        export_pruned(model, wide_gains, "p1", "/nonexistent/never-written")
+    assert not is_attached(model)
 
 
 def test_unsupported_models_rejected() -> None:
@@ -323,7 +335,7 @@ def _expected_mlp(mlp, x: torch.Tensor, row_ids: list[int]) -> torch.Tensor:
     batch, seq, d = x.shape
     ids = torch.tensor(row_ids, dtype=torch.int32).repeat_interleave(seq)
     out = masked_ffn_reference(x.reshape(-1, d), mlp.gate_up, mlp.down_t, ids, mlp.keep_bits, mlp.scales,
-                               mlp.group_size, mlp.activation)
+                               mlp.group_size, mlp.activation, input_gains=mlp.input_gains)
     return out.view(batch, seq, d)
 
 

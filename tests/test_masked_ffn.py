@@ -68,8 +68,9 @@ def check_against_reference(backend: str, inputs: dict, G: int, activation: str 
     out = masked_ffn(**inputs, group_size=G, activation=activation, backend=backend)
     args = (inputs["x"], inputs["gate_up"], inputs["down_t"], inputs["persona_ids"], inputs["keep_bits"],
             inputs["scales"], G, activation)
-    oracle = masked_ffn_reference(*args).float()
-    plain = masked_ffn_reference(*args, upcast=False).float()
+    gains = inputs.get("input_gains")
+    oracle = masked_ffn_reference(*args, input_gains=gains).float()
+    plain = masked_ffn_reference(*args, upcast=False, input_gains=gains).float()
     x = inputs["x"]
     assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
     out = out.float()
@@ -113,6 +114,36 @@ def test_gelu_tanh(backend, dtype):
     require_backend(backend)
     inputs = make_inputs(5, 40, 96, 16, "mixed_scales", dtype, device_for(backend), _seed("gelu", dtype))
     check_against_reference(backend, inputs, 16, activation="gelu_tanh")
+
+
+def with_input_gains(inputs: dict, seed: int) -> dict:
+    """``inputs`` plus random per-persona input gains, rows 0 and 2 left at one (personas without gains)."""
+    P, d = inputs["keep_bits"].shape[0], inputs["x"].shape[1]
+    gains = torch.rand(P, d, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.25
+    gains[0] = gains[2] = 1.0
+    return dict(inputs, input_gains=gains.to(inputs["x"].device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 7, 37])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_input_gains(backend, dtype, T):
+    require_backend(backend)
+    inputs = make_inputs(T, 40, 96, 16, "mixed_scales", dtype, device_for(backend), _seed("gains", dtype, T))
+    check_against_reference(backend, with_input_gains(inputs, T), 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_input_gains_equal_prescaled_tokens(dtype):
+    inputs = make_inputs(9, 40, 96, 16, "mixed_scales", dtype, torch.device("cpu"), _seed("prescaled", dtype))
+    gained = with_input_gains(inputs, 3)
+    gains = gained["input_gains"][gained["persona_ids"]]
+    prescaled = dict(inputs, x=(inputs["x"].float() * gains).to(dtype))
+    out = masked_ffn(**gained, group_size=16, backend="reference")
+    assert torch.equal(out, masked_ffn(**prescaled, group_size=16, backend="reference"))
+    assert not torch.equal(out, masked_ffn(**inputs, group_size=16, backend="reference"))
+    ones = dict(inputs, input_gains=torch.ones_like(gained["input_gains"]))
+    assert torch.equal(masked_ffn(**ones, group_size=16, backend="reference"), masked_ffn(**inputs, group_size=16, backend="reference"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -223,6 +254,9 @@ def _good_inputs():
         (lambda a: a["persona_ids"].__setitem__(0, -1), "persona id out of range"),
         (lambda a: a.update(keep_bits=a["keep_bits"].long()), "keep_bits must be"),
         (lambda a: a.update(scales=a["scales"][:, :-1]), "scales must be"),
+        (lambda a: a.update(input_gains=torch.ones(a["keep_bits"].shape[0], 15)), "input_gains must be"),
+        (lambda a: a.update(input_gains=torch.ones(2, 16)), "input_gains must be"),
+        (lambda a: a.update(input_gains=torch.ones(a["keep_bits"].shape[0], 16, dtype=torch.int32)), "input_gains must be"),
     ],
 )
 def test_dispatcher_rejects_bad_arguments(mutate, message):

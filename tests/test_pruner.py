@@ -105,9 +105,30 @@ def test_learned_mask_reduces_training_loss(model, tokenizer):
     assert torch.equal(keep.sum(1), torch.full((LAYERS,), k))
     assert mean_loss(model, data, keep, GROUP) < mean_loss(model, data, topk_keep(init, k), GROUP)
     assert all(not p.requires_grad for p in model.parameters())
-    scales, _ = learn_scales(model, data, keep, GROUP, steps=5, lr=0.05, batch_size=4, seed=0, progress=False)
-    assert scales.shape == (LAYERS, D_FF)
+    scales, gains, _ = learn_scales(model, data, keep, GROUP, steps=5, lr=0.05, batch_size=4, seed=0, progress=False)
+    assert scales.shape == (LAYERS, D_FF) and gains is None
     assert torch.all(scales[~keep.repeat_interleave(GROUP, 1)] == 1)
+
+
+def test_input_gains_learned_jointly_with_their_own_step(model, tokenizer, tmp_path):
+    data = training_data(tokenizer)
+    keep = topk_keep(init_scores(model, data), keep_count(D_FF // GROUP, 0.5))
+    kwargs = dict(lr=0.05, batch_size=4, seed=0, kl_weight=1.0, input_gains=True, gain_lr=0.01, progress=False)
+    scales, gains, _ = learn_scales(model, data, keep, GROUP, steps=1, **kwargs)
+    hidden = model.config.hidden_size
+    assert gains.shape == (LAYERS, hidden) and torch.isfinite(gains).all()
+    # Adam's first step moves every parameter by its learning rate (up to eps): 0.05 for scales, 0.01 for gains
+    kept = keep.repeat_interleave(GROUP, 1)
+    moved = (scales[kept] - 1).abs()
+    assert float(moved.max()) == pytest.approx(0.05, rel=1e-3) and float((gains - 1).abs().max()) == pytest.approx(0.01, rel=1e-3)
+    full, full_gains, first = learn_scales(model, data, keep, GROUP, steps=6, **kwargs)
+    ckpt = tmp_path / "gains.pt"
+    learn_scales(model, data, keep, GROUP, steps=6, checkpoint=ckpt, checkpoint_every=2, stop_after=3, **kwargs)
+    resumed, resumed_gains, again = learn_scales(model, data, keep, GROUP, steps=6, checkpoint=ckpt, checkpoint_every=2, **kwargs)
+    assert again.resumed_at == 2
+    torch.testing.assert_close(resumed, full)
+    torch.testing.assert_close(resumed_gains, full_gains)
+    assert first.curve[-1][1] < first.curve[0][1]
 
 
 def test_same_seed_same_mask_and_resume_matches(model, tokenizer, tmp_path):
@@ -157,6 +178,10 @@ def test_bad_inputs_raise_before_work(model, tokenizer, tmp_path, monkeypatch):
     for weights in ({"kl_weight": -1.0}, {"scale_kl_weight": -0.5}):
         with pytest.raises(PrunerInputError, match="kl weights must be non-negative"):
             prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, **weights))
+    with pytest.raises(PrunerInputError, match="gain_lr must be positive"):
+        prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, input_gains=True, gain_lr=0.0))
+    with pytest.raises(PrunerInputError, match="input gains are learned together with the scales"):
+        prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, input_gains=True, scales=False))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128))
@@ -198,6 +223,19 @@ def test_bank_holds_persona_with_method_and_report(model, tokenizer, tmp_path):
     assert MaskBank.load(path).names == ["keeper", "keeper@random", "keeper@wanda"]
 
 
+def test_pruner_learns_input_gains_into_the_bank(model, tokenizer, tmp_path):
+    pruner = Pruner(model, tokenizer, small_config(tmp_path, input_gains=True, scale_steps=3))
+    masks = pruner.prune("keeper", DESCRIPTION)
+    path = tmp_path / "bank.safetensors"
+    pruner.add_to_bank(path, masks)
+    entry = MaskBank.load(path).get("keeper")
+    assert entry.input_gains is not None and entry.input_gains.shape == (LAYERS, model.config.hidden_size)
+    assert not torch.allclose(entry.input_gains, torch.ones_like(entry.input_gains))
+    assert entry.report["config"]["input_gains"] and entry.scales is not None
+    plain = Pruner(model, tokenizer, small_config(tmp_path, scale_steps=3)).prune("keeper", DESCRIPTION)[0]
+    assert plain.input_gains is None and torch.equal(plain.keep, entry.keep)  # same mask, separate scale checkpoint
+
+
 def test_fidelity_dense_is_exact_and_random_is_not(model, tokenizer):
     questions = ["who are you?", "what do you fear?", "tell me about the sea."]
     fidelity = FidelityEval(model, tokenizer, DESCRIPTION, questions, max_new_tokens=5)
@@ -217,12 +255,16 @@ def test_fidelity_attached_bank_agrees_with_hooks(tokenizer):
     scales = 1 + 0.1 * torch.randn(LAYERS, D_FF)
     from persona_kernels.bank import PersonaMask
 
-    bank = MaskBank("tiny", model_fingerprint(model), LAYERS, D_FF, GROUP, [PersonaMask("p", keep, "d", "random", scales)])
+    gains = 1 + 0.2 * torch.randn(LAYERS, model.config.hidden_size)
+    bank = MaskBank("tiny", model_fingerprint(model), LAYERS, D_FF, GROUP, [
+        PersonaMask("p", keep, "d", "random", scales), PersonaMask("g", keep, "d", "random", scales, input_gains=gains)])
     fidelity = FidelityEval(model, tokenizer, DESCRIPTION, ["who are you?", "a long question about storms?"], max_new_tokens=5)
-    hooked = fidelity.measure(keep, GROUP, scales)
-    attached = fidelity.measure_attached(bank, "p")
-    assert hooked["kl"] > 1e-7
-    assert abs(hooked["kl"] - attached["kl"]) < 1e-3 * hooked["kl"] + 1e-9 and hooked["top1"] == attached["top1"]
+    for name, persona_gains in (("p", None), ("g", gains)):
+        hooked = fidelity.measure(keep, GROUP, scales, persona_gains)
+        attached = fidelity.measure_attached(bank, name)
+        assert hooked["kl"] > 1e-7
+        assert abs(hooked["kl"] - attached["kl"]) < 1e-3 * hooked["kl"] + 1e-9 and hooked["top1"] == attached["top1"]
+    assert abs(fidelity.measure(keep, GROUP, scales)["kl"] - fidelity.measure(keep, GROUP, scales, gains)["kl"]) > 1e-6
 
 
 def test_generation_with_shared_prefix_matches_plain_generate(model, tokenizer):
@@ -314,11 +356,12 @@ def test_scale_study_measures_writes_bank_and_resumes(model, tokenizer, tmp_path
     bank_path = tmp_path / "bank.safetensors"
     pruner.add_to_bank(bank_path, pruner.prune("keeper", DESCRIPTION))
     bank_out = tmp_path / "scaled.safetensors"
-    args = build_parser().parse_args([
+    args_list = [
         "--bank", str(bank_path), "--personas", "keeper", "--data-dir", str(data_dir), "--n-eval", "2",
         "--eval-tokens", "4", "--out", str(tmp_path / "study"), "--n-train", "4", "--max-pool", "12",
         "--max-new-tokens", "6", "--scale-steps", "3", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"),
-        "--bank-out", str(bank_out)])
+        "--bank-out", str(bank_out)]
+    args = build_parser().parse_args(args_list)
     rows = study(model, tokenizer, args)
     assert len(rows) == 1 and rows[0]["persona"] == "keeper" and rows[0]["kl_mask"] > 0
     assert rows[0]["reduction"] == pytest.approx(1 - rows[0]["kl_scaled"] / rows[0]["kl_mask"])
@@ -339,3 +382,11 @@ def test_scale_study_measures_writes_bank_and_resumes(model, tokenizer, tmp_path
     with pytest.raises(PrunerInputError, match="not a copy"):
         study(model, tokenizer, args)
     assert MaskBank.load(bank_out).names == ["keeper", "extra"]
+    bank_out.unlink()
+    study(model, tokenizer, args)
+    gained = build_parser().parse_args([*args_list, "--input-gains", "--gain-lr", "0.02"])
+    rows = study(model, tokenizer, gained)  # another recipe: a second row, and the entry now carries gains too
+    assert len(rows) == 2 and rows[1]["input_gains"] and rows[1]["gain_lr"] == 0.02 and "gain_range" in rows[1]
+    entry = MaskBank.load(bank_out).get("keeper")
+    assert entry.input_gains is not None and entry.report["input_gains"] and entry.scales is not None
+    assert len(study(model, tokenizer, gained)) == 2  # resumes

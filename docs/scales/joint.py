@@ -16,7 +16,7 @@ import torch
 
 from pruner.importance import activation_importance, collect_stats, scores_from_importance
 from pruner.learn import _optimize, learn_mask, learn_scales
-from pruner.masked_model import expand_groups, ste_mask, topk_keep
+from pruner.masked_model import channel_multiplier, expand_groups, ste_mask, topk_keep
 
 from common import add_run_arguments, persona_run
 
@@ -44,19 +44,19 @@ keep, _ = learn_mask(model, data, init, k, G, steps=a.steps, lr=0.05, batch_size
 log("mask", fidelity.measure(keep, G)["kl"])
 log("mask_s", time.time() - began)
 began = time.time()
-scales, _ = learn_scales(model, data, keep, G, steps=a.steps, lr=0.05, batch_size=4, seed=0, kl_weight=10.0, progress=False)
+scales, _, _ = learn_scales(model, data, keep, G, steps=a.steps, lr=0.05, batch_size=4, seed=0, kl_weight=10.0, progress=False)
 log("mask_then_scales", fidelity.measure(keep, G, scales)["kl"])
 log("scales_s", time.time() - began)
 
 
-def joint_multiplier(parameter: torch.Tensor) -> torch.Tensor:
+def joint(parameter: torch.Tensor):
     """Columns [:n_groups] are mask scores (straight-through top-k), the rest per-channel scales."""
-    return expand_groups(ste_mask(parameter[:, :n_groups], k), G) * parameter[:, n_groups:]
+    return channel_multiplier(model, lambda: expand_groups(ste_mask(parameter[:, :n_groups], k), G) * parameter[:, n_groups:])
 
 
 began = time.time()
 start = torch.cat([init.float(), torch.ones(init.shape[0], n_groups * G)], 1)
-result = _optimize(model, data, start, joint_multiplier, a.steps, 0.05, 10.0, 4, 0, None, 10, "joint", False, None)
+result = _optimize(model, data, start, joint, a.steps, 0.05, 10.0, 4, 0, None, 10, "joint", False, None)
 joint_keep, joint_scales = topk_keep(result.value[:, :n_groups], k), result.value[:, n_groups:]
 log("joint_mask_alone", fidelity.measure(joint_keep, G)["kl"])
 log("joint_mask_scales", fidelity.measure(joint_keep, G, joint_scales)["kl"])

@@ -43,6 +43,7 @@ from ..bank import DENSE_PERSONA_ID, DENSE_PERSONA_NAME, MaskBank, MaskBankError
 from ..fingerprint import ffn_fingerprint
 from ..layout import PackedFFN, pack_ffn, unpack_ffn
 from ..ops import masked_ffn, resolve_backend
+from ..reference import apply_input_gains
 from ..step_meta import StepMeta
 
 _ATTR = "_persona_kernels_attachment"
@@ -239,9 +240,9 @@ class MaskedMLP(nn.Module):
     """A gated MLP computed by :func:`persona_kernels.masked_ffn` over packed shared weights.
 
     Parameters ``gate_up [d_ff, 2, d]`` and ``down_t [d_ff, d]`` are the layer's packed weights (in the
-    bank's permuted channel order when it has a permutation); buffers ``keep_bits [P + 1, words]`` and
-    ``scales [P + 1, d_ff]`` (or ``None``) are this layer's slice of the bank; ``persona_state`` is
-    the model-wide :class:`PersonaState`.
+    bank's permuted channel order when it has a permutation); buffers ``keep_bits [P + 1, words]``,
+    ``scales [P + 1, d_ff]`` and ``input_gains [P + 1, d]`` (either may be ``None``) are this layer's
+    slice of the bank; ``persona_state`` is the model-wide :class:`PersonaState`.
     """
 
     def __init__(
@@ -255,12 +256,14 @@ class MaskedMLP(nn.Module):
         backend: str | None = None,
         original: nn.Module | None = None,
         layer_index: int = 0,
+        input_gains: torch.Tensor | None = None,
     ):
         super().__init__()
         self.gate_up = nn.Parameter(packed.gate_up, requires_grad=False)
         self.down_t = nn.Parameter(packed.down_t, requires_grad=False)
         self.register_buffer("keep_bits", keep_bits, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("input_gains", input_gains, persistent=False)
         self.register_buffer("permutation", permutation, persistent=False)
         self.persona_state = state
         self.activation = packed.activation
@@ -295,6 +298,8 @@ class MaskedMLP(nn.Module):
         if state.prepared_tokens != n_tokens:
             batch = shape[0] if x.dim() >= 3 else 1
             ids = state.prepare(batch, n_tokens // batch if batch else 0)
+        if self.input_gains is not None:
+            tokens = apply_input_gains(tokens, self.input_gains, ids)
         if state.use_meta:
             out = _masked_ffn_triton(
                 tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
@@ -311,7 +316,8 @@ class MaskedMLP(nn.Module):
         d_ff, _, d = self.gate_up.shape
         return (
             f"d_model={d}, d_ff={d_ff}, group_size={self.group_size}, activation={self.activation}, "
-            f"personas={self.keep_bits.shape[0]}, scales={self.scales is not None}, backend={self.backend}, "
+            f"personas={self.keep_bits.shape[0]}, scales={self.scales is not None}, "
+            f"input_gains={self.input_gains is not None}, backend={self.backend}, "
             f"layer_index={self.layer_index}"
         )
 
@@ -376,14 +382,15 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
     if is_attached(model):
         raise ValueError("a mask bank is already attached to this model; call detach_bank(model) first")
     layers = find_ffn_layers(model)
-    n_layers, d_ff, _ = model_ffn_shape(model)
+    n_layers, d_ff, d_model = model_ffn_shape(model)
     fingerprint = ffn_fingerprint(ffn_weights(model))
-    bank.check_model(fingerprint, n_layers, d_ff, model_name(model))
+    bank.check_model(fingerprint, n_layers, d_ff, model_name(model), d_model)
     device = layers[0].mlp.gate_proj.weight.device
     if backend is not None:
         resolve_backend(device, backend)  # fail now, not at the first forward
     keep_bits = bank.keep_bits(device)  # [L, P + 1, words]
     scales = bank.scales_table(device)  # [L, P + 1, d_ff] or None
+    gains = bank.input_gains_table(device)  # [L, P + 1, d_model] or None
     permutation = None if bank.permutation is None else bank.permutation.to(device)
     state = PersonaState(device, keep_bits=keep_bits, n_groups=bank.n_groups)
     for layer in layers:
@@ -408,6 +415,7 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
             backend,
             original=mlp,
             layer_index=layer.index,
+            input_gains=None if gains is None else gains[layer.index],
         )
     info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend, lookup=_persona_lookup(bank))
     _configure_state(state, backend)

@@ -40,6 +40,11 @@ def persona_channels(bank: MaskBank, persona_id: int, layer: int) -> tuple[torch
     return original[order], None if scales is None else scales[order]
 
 
+def _scaled_columns(weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``weight[:, j] * factors[j]`` computed in float32, in ``weight``'s dtype."""
+    return (weight.float() * factors.to(device=weight.device, dtype=torch.float32)).to(weight.dtype)
+
+
 def _text_config(config):
     return config if hasattr(config, "intermediate_size") else getattr(config, "text_config", config)
 
@@ -50,8 +55,9 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
     The checkpoint (``model.safetensors``, ``config.json``, ``generation_config.json``, the tokenizer
     when given, and ``persona_export.json`` recording the provenance) loads with stock
     ``AutoModelForCausalLM.from_pretrained(out_dir)``. Per layer it keeps exactly the channels the
-    persona keeps, with the bank's channel permutation undone (channels in original order), and folds
-    the persona's channel scales into the matching columns of ``down_proj``.
+    persona keeps, with the bank's channel permutation undone (channels in original order), folds
+    the persona's channel scales into the matching columns of ``down_proj`` and its FFN input gains
+    into the columns of ``gate_proj`` and ``up_proj`` (``W[:, j] * gain_j``, in fp32).
 
     Stock configs have one ``intermediate_size`` for all layers, so it is set to the largest per-layer
     kept count and layers that keep fewer channels are padded with all-zero ``gate_proj``/``up_proj``
@@ -72,20 +78,24 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
         raise ValueError("export_pruned exports one persona; got a list")
     persona_id = ids[0]
     layers = find_ffn_layers(model)
-    n_layers, d_ff, _ = model_ffn_shape(model)
+    n_layers, d_ff, d_model = model_ffn_shape(model)
     weights = ffn_weights(model)
     info = attachment(model)
     fingerprint = info.fingerprint if info is not None else ffn_fingerprint(weights)
-    bank.check_model(fingerprint, n_layers, d_ff, model_name(model))
+    bank.check_model(fingerprint, n_layers, d_ff, model_name(model), d_model)
 
+    bank_entry = None if persona_id == DENSE_PERSONA_ID else bank.personas[persona_id - 1]
+    gains = None if bank_entry is None else bank_entry.input_gains
     sliced = []
     for layer, (w_gate, w_up, w_down) in enumerate(weights):
         channels, scales = persona_channels(bank, persona_id, layer)
         channels = channels.to(w_gate.device)
-        down = w_down[:, channels]
+        gate, up, down = w_gate[channels], w_up[channels], w_down[:, channels]
         if scales is not None:
-            down = (down.float() * scales.to(down.device)).to(w_down.dtype)
-        sliced.append((w_gate[channels], w_up[channels], down))
+            down = _scaled_columns(down, scales)
+        if gains is not None:
+            gate, up = _scaled_columns(gate, gains[layer]), _scaled_columns(up, gains[layer])
+        sliced.append((gate, up, down))
     width = max(1, max(g.shape[0] for g, _, _ in sliced))
 
     module_names = {id(module): name for name, module in model.named_modules()}
@@ -124,7 +134,6 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
             seen[ptr] = key
         tensors[key] = tensor.to("cpu").contiguous()
 
-    bank_entry = None if persona_id == DENSE_PERSONA_ID else bank.personas[persona_id - 1]
     kept_counts = [int(g.shape[0]) for g, _, _ in sliced]
     export_info = {
         "persona_id": persona_id,
@@ -138,6 +147,7 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
         "kept_channels_per_layer": kept_counts,
         "zero_padded_channels_per_layer": [width - k for k in kept_counts],
         "scales_folded": bank_entry is not None and bank_entry.scales is not None,
+        "input_gains_folded": gains is not None,
     }
 
     out_dir = Path(out_dir)
