@@ -9,7 +9,9 @@ after warm-up, with torch and the kernel both using every core:
   (what a private pruned copy would cost; matching it shows that not copying costs nothing);
 - ``cpu``: ``persona_kernels`` cpu backend over the shared packed weights and the persona mask;
 - ``cpu+scales`` (with ``--scales``): the same with the persona's per-channel scales applied in the
-  epilogue (issue 8's target: within 2% of ``cpu``).
+  epilogue (issue 8's target: within 2% of ``cpu``);
+- ``cpu+scales+gains`` (with ``--input-gains``, implies ``--scales``): scales plus the persona's FFN
+  input gains, applied to the tokens first (:func:`persona_kernels.reference.apply_input_gains`).
 
 Every token of a batch belongs to the same persona (the oracle's best case). Writes a JSON file
 and a markdown table under ``benchmarks/out/`` and a plot under ``benchmarks/plots/``.
@@ -17,6 +19,7 @@ and a markdown table under ``benchmarks/out/`` and a plot under ``benchmarks/plo
     python benchmarks/bench_cpu.py                      # the full grid (about 5-10 minutes)
     python benchmarks/bench_cpu.py --shapes smollm2-135m --reps 5    # quick
     python benchmarks/bench_cpu.py --scales --batches 1 16         # + the cost of per-channel scales
+    python benchmarks/bench_cpu.py --input-gains --batches 1 16    # + scales and input gains
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 from persona_kernels.backends import cpu_backend
 from persona_kernels.masks import keep_to_bits
-from persona_kernels.reference import activate
+from persona_kernels.reference import activate, apply_input_gains
 
 SHAPES = {"smollm2-135m": (576, 1536), "llama3-8b": (4096, 14336)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -115,6 +118,7 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
             o_gate, o_up, o_down = w_gate[kept].contiguous(), w_up[kept].contiguous(), w_down[:, kept].contiguous()
             scales = (0.5 + torch.rand(1, d_ff, generator=gen)).to(dtype)
             o_down_scaled = (o_down.float() * scales[0, kept].float()).to(dtype)
+            gains = 0.5 + torch.rand(1, d, generator=gen)
             for batch in args.batches:
                 x = torch.randn(batch, d, generator=gen).to(dtype)
                 ids = torch.zeros(batch, dtype=torch.int32)
@@ -130,6 +134,12 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                         x, gate_up, down_t, ids, bits, scales, G, "silu", num_threads=args.kernel_threads)
                     check_close(fns["cpu+scales"](), ffn(x, o_gate, o_up, o_down_scaled, "silu"),
                                 f"cpu kernel with scales ({shape} {dtype_name} G={G})")
+                if args.input_gains:
+                    fns["cpu+scales+gains"] = lambda: cpu_backend.masked_ffn(
+                        apply_input_gains(x, gains, ids), gate_up, down_t, ids, bits, scales, G, "silu",
+                        num_threads=args.kernel_threads)
+                    check_close(fns["cpu+scales+gains"](), ffn((x.float() * gains).to(dtype), o_gate, o_up, o_down_scaled, "silu"),
+                                f"cpu kernel with scales and input gains ({shape} {dtype_name} G={G})")
                 times = time_side_by_side(fns, reps=reps, warmup=2)
                 record = dict(
                     shape=shape, d=d, d_ff=d_ff, dtype=dtype_name, G=G, density=density, batch=batch,
@@ -140,13 +150,17 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                 )
                 if args.scales:
                     record.update(cpu_scales_ms=times["cpu+scales"] * 1e3, scales_overhead=times["cpu+scales"] / times["cpu"] - 1)
+                if args.input_gains:
+                    record.update(cpu_gains_ms=times["cpu+scales+gains"] * 1e3,
+                                  gains_overhead=times["cpu+scales+gains"] / times["cpu"] - 1)
                 records.append(record)
                 print(
                     f"{shape:13s} {dtype_name:4s} G={G:<3d} density={density:.2f} batch={batch:<3d} "
                     f"dense {record['dense_ms']:9.3f} ms  oracle {record['oracle_ms']:9.3f} ms  "
                     f"cpu {record['cpu_ms']:9.3f} ms  x{record['speedup_vs_dense']:.2f} vs dense  "
                     f"x{record['speedup_vs_oracle']:.2f} vs oracle"
-                    + (f"  +scales {record['cpu_scales_ms']:9.3f} ms ({100 * record['scales_overhead']:+.1f}%)" if args.scales else ""),
+                    + (f"  +scales {record['cpu_scales_ms']:9.3f} ms ({100 * record['scales_overhead']:+.1f}%)" if args.scales else "")
+                    + (f"  +gains {record['cpu_gains_ms']:9.3f} ms ({100 * record['gains_overhead']:+.1f}%)" if args.input_gains else ""),
                     flush=True,
                 )
 
@@ -154,13 +168,17 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
 def markdown_table(records: list[dict]) -> str:
     """One row per config: times in ms and the two ratios (above 1 means the kernel is faster)."""
     scaled = any("cpu_scales_ms" in r for r in records)
+    gained = any("cpu_gains_ms" in r for r in records)
     extra_head, extra_rule = (" cpu + scales ms | scales cost |", "---|---|") if scaled else ("", "")
+    if gained:
+        extra_head, extra_rule = extra_head + " + input gains ms | scales + gains cost |", extra_rule + "---|---|"
     lines = [
         "| shape | dtype | G | density | batch | dense ms | oracle ms | cpu kernel ms | vs dense | vs oracle |" + extra_head,
         "|---|---|---|---|---|---|---|---|---|---|" + extra_rule,
     ]
     for r in records:
         extra = f" {r['cpu_scales_ms']:.3f} | {100 * r['scales_overhead']:+.1f}% |" if scaled else ""
+        extra += f" {r['cpu_gains_ms']:.3f} | {100 * r['gains_overhead']:+.1f}% |" if gained else ""
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['G']} | {r['density']:.2f} | {r['batch']} | {r['dense_ms']:.3f} | "
             f"{r['oracle_ms']:.3f} | {r['cpu_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_oracle']:.2f}x |" + extra
@@ -210,8 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=0, help="timed rounds per config (default 7 for 8B, 30 otherwise)")
     parser.add_argument("--threads", type=int, default=0, help="threads for torch and the kernel (default: all cores)")
     parser.add_argument("--scales", action="store_true", help="also time the kernel with per-channel persona scales")
+    parser.add_argument("--input-gains", action="store_true",
+                        help="also time the kernel with scales and per-persona FFN input gains (implies --scales)")
     parser.add_argument("--plot", type=Path, default=PLOT_PATH)
     args = parser.parse_args(argv)
+    args.scales = args.scales or args.input_gains
     if not cpu_backend.is_available():
         sys.exit(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}")
     threads = args.threads or os.cpu_count() or 1
