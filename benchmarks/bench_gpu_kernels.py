@@ -12,6 +12,8 @@ Methods, timed per (tokens, personas in the batch, density) with ``triton.testin
 - ``ours``: one :func:`masked_ffn_triton` launch for the mixed batch (path by ``choose_path``),
   plus the ``decode`` / ``prefill`` paths forced, and ``ours_loop``: one launch per persona.
 - ``ours_scales``: ``ours`` with per-channel persona scales in the epilogue (issue 8: within 2%).
+- ``ours_gains`` (decode sizes only): ``ours_scales`` after per-persona FFN input gains, applied to
+  the tokens by :func:`persona_kernels.reference.apply_input_gains` (a separate elementwise pass).
 - ``prepare``: :meth:`StepMeta.prepare` alone (once per step, shared by all layers).
 
 Each config is also checked against the oracle. Output (folder: ``--out``, else
@@ -131,6 +133,7 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     from benchmarks.common import Rotating
     from persona_kernels.backends.triton_backend import choose_path, masked_ffn_triton
     from persona_kernels.masks import keep_to_bits
+    from persona_kernels.reference import apply_input_gains
     from persona_kernels.step_meta import StepMeta
 
     w_gate, w_up, w_down, packed = weights["gate"], weights["up"], weights["down"], weights["packed"]
@@ -150,6 +153,7 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
 
     channel_keep = keep.repeat_interleave(G, dim=1)
     scales = (0.5 + torch.rand(personas, d_ff, generator=gen)).to(device)
+    gains = (0.5 + torch.rand(personas, d, generator=gen)).to(device)
     sliced, sliced_scaled = [], []
     for p in range(personas):
         chans = channel_keep[p].nonzero().flatten().to(device)
@@ -175,6 +179,9 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     def ours(x, path=None, scaled=False):
         return masked_ffn_triton(x, gu, dn, ids, bits, scales if scaled else None, group_size=G, meta=meta, out=out, path=path)
 
+    def ours_gains(x):
+        return ours(apply_input_gains(x, gains, ids), None, True)
+
     def ours_loop(x):
         for m, lo, hi in zip(loop_metas, bounds[:-1], bounds[1:]):
             masked_ffn_triton(x[lo:hi], gu, dn, ids[lo:hi], bits, group_size=G, meta=m, out=out[lo:hi])
@@ -186,6 +193,9 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     for what, want, extra in checks:
         err = (ours(x0, *extra).float() - want).abs().max().item()
         assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{what} disagrees with the oracle: {err:.3e}"
+    gained = oracle(apply_input_gains(x0, gains, ids), sliced_scaled).float()
+    err = (ours_gains(x0).float() - gained).abs().max().item()
+    assert err <= 0.02 * max(1.0, gained.abs().max().item()), f"kernel with input gains disagrees with the oracle: {err:.3e}"
 
     def timed(fn, *extra):
         """Median ms of ``fn`` on rotating input buffers."""
@@ -196,6 +206,7 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
           "prepare": bench(lambda: meta.prepare(ids, bits))}
     if tokens <= args.forced_decode_max:
         ms["ours_decode"] = timed(ours, "decode")
+        ms["ours_gains"] = timed(ours_gains)
     ms["ours_prefill"] = timed(ours, "prefill")
 
     union = keep.any(0).sum().item() / n_groups
@@ -223,7 +234,7 @@ def _bandwidth_limits(device, bench) -> dict[str, float | None]:
 
 
 def _markdown(rows: list[Row], meta: dict) -> str:
-    methods = ["dense", "oracle", "ours", "ours_scales", "ours_decode", "ours_prefill", "ours_loop", "prepare"]
+    methods = ["dense", "oracle", "ours", "ours_scales", "ours_gains", "ours_decode", "ours_prefill", "ours_loop", "prepare"]
     lines = [
         f"{meta['card']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}; "
         f"bandwidth limits (TB/s): {meta['limits_tbps']}",
