@@ -3,8 +3,11 @@
 Backends live one per module in :mod:`persona_kernels.backends`; each exposes
 ``is_available() -> bool``, ``unavailable_reason() -> str`` and
 ``masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)``
-(arguments already validated). The dispatcher picks one by device, or takes ``backend=``
-(or the ``PERSONA_KERNELS_BACKEND`` environment variable), and never falls back silently.
+(arguments already validated). A backend that sets ``FUSES_INPUT_GAINS = True`` also takes
+``input_gains=`` and applies them itself; for the others the dispatcher multiplies the tokens first
+(:func:`~persona_kernels.reference.apply_input_gains`). The dispatcher picks a backend by device, or
+takes ``backend=`` (or the ``PERSONA_KERNELS_BACKEND`` environment variable), and never falls back
+silently.
 """
 
 from __future__ import annotations
@@ -138,12 +141,21 @@ def _masked_ffn_op(
     group_size: int,
     activation: str,
     backend: str,
+    input_gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return backend_module(backend).masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)
+    module = backend_module(backend)
+    if input_gains is None:
+        return module.masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)
+    if getattr(module, "FUSES_INPUT_GAINS", False):
+        return module.masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation,
+                                 input_gains=input_gains)
+    x = apply_input_gains(x, input_gains, persona_ids)
+    return module.masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)
 
 
 @_masked_ffn_op.register_fake
-def _masked_ffn_fake(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, backend):
+def _masked_ffn_fake(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, backend,
+                     input_gains=None):
     return torch.empty_like(x)
 
 
@@ -179,16 +191,15 @@ def masked_ffn(
         check_ids: verify persona ids are in range (synchronises a GPU; callers that validated
             ids already, or capture CUDA graphs, pass ``False``).
         input_gains: optional ``[P, d]`` per-persona gains multiplying ``x`` first
-            (:func:`~persona_kernels.reference.apply_input_gains`; one elementwise pass, any backend).
+            (:func:`~persona_kernels.reference.apply_input_gains`): fused into the cpu kernel's
+            token load, a separate elementwise pass before the triton and cuda kernels.
 
     Returns:
         ``[T, d]`` output in ``x.dtype``; nothing is modified in place.
     """
     check_masked_ffn_args(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, check_ids, input_gains)
     name = resolve_backend(x.device, backend)
-    if input_gains is not None:
-        x = apply_input_gains(x, input_gains, persona_ids)
-    return _masked_ffn_op(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, name)
+    return _masked_ffn_op(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, name, input_gains)
 
 
 __all__ = ["masked_ffn", "masked_ffn_reference", "available_backends", "resolve_backend", "BACKENDS"]

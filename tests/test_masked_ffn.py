@@ -16,7 +16,7 @@ import torch
 from conftest import device_for, require_backend
 from persona_kernels.masks import keep_to_bits
 from persona_kernels.ops import BACKENDS, masked_ffn
-from persona_kernels.reference import masked_ffn_reference
+from persona_kernels.reference import apply_input_gains, masked_ffn_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -168,11 +168,12 @@ def _cpu_ext():
 
 def _raw_call(_cpu, inputs: dict, out_tensor: torch.Tensor, G: int, **overrides):
     x, ids = inputs["x"], inputs["persona_ids"].to(torch.int32).contiguous()
-    scales = inputs["scales"]
+    scales, gains = inputs["scales"], inputs.get("input_gains")
     args = dict(
         x=x.data_ptr(), gate_up=inputs["gate_up"].data_ptr(), down_t=inputs["down_t"].data_ptr(),
         persona_ids=ids.data_ptr(), keep_bits=inputs["keep_bits"].data_ptr(),
-        scales=0 if scales is None else scales.data_ptr(), out=out_tensor.data_ptr(),
+        scales=0 if scales is None else scales.data_ptr(), input_gains=0 if gains is None else gains.data_ptr(),
+        out=out_tensor.data_ptr(),
         num_tokens=x.shape[0], d_model=x.shape[1], d_ff=inputs["gate_up"].shape[0],
         num_personas=inputs["keep_bits"].shape[0], group_size=G, activation="silu",
         dtype=_DTYPE_NAMES[x.dtype],
@@ -182,14 +183,17 @@ def _raw_call(_cpu, inputs: dict, out_tensor: torch.Tensor, G: int, **overrides)
     return ids  # keep the int32 copy alive until the caller is done
 
 
+@pytest.mark.parametrize("gains", [False, True], ids=["plain", "input_gains"])
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 @pytest.mark.parametrize("T", [1, 7, 37])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_writes_every_output_element(dtype, T, isa):
+def test_cpu_writes_every_output_element(dtype, T, isa, gains):
     _cpu = _cpu_ext()
     if not _cpu.isa_supported(isa):
         pytest.skip(f"isa {isa} not supported on this CPU or build")
     inputs = make_inputs(T, 33, 96, 16, "mixed_scales", dtype, torch.device("cpu"), _seed("nan", dtype, T))
+    if gains:
+        inputs = with_input_gains(inputs, T)
     out = torch.full_like(inputs["x"], float("nan"))
     _raw_call(_cpu, inputs, out, 16, isa=isa, num_threads=2)
     assert not torch.isnan(out).any(), f"{torch.isnan(out).sum().item()} output elements never written"
@@ -198,6 +202,21 @@ def test_cpu_writes_every_output_element(dtype, T, isa):
     error = (out.float() - oracle).abs().max().item()
     bound = max(2 * (plain - oracle).abs().max().item(), FLOOR[dtype] * (1 + oracle.abs().max().item()))
     assert error <= bound
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_fused_gains_equal_prescaled_tokens(dtype):
+    """The kernel's fused gains round each gained token to its dtype exactly as the reference does."""
+    require_backend("cpu")
+    from persona_kernels.backends import cpu_backend
+
+    inputs = with_input_gains(make_inputs(11, 40, 96, 16, "mixed_scales", dtype, torch.device("cpu"),
+                                          _seed("fused", dtype)), 5)
+    gains = inputs.pop("input_gains")
+    prescaled = dict(inputs, x=apply_input_gains(inputs["x"], gains, inputs["persona_ids"]))
+    fused = cpu_backend.masked_ffn(**inputs, group_size=16, activation="silu", input_gains=gains, num_threads=1)
+    assert torch.equal(fused, cpu_backend.masked_ffn(**prescaled, group_size=16, activation="silu", num_threads=1))
+    assert not torch.equal(fused, cpu_backend.masked_ffn(**inputs, group_size=16, activation="silu", num_threads=1))
 
 
 def test_cpu_thread_counts_agree():

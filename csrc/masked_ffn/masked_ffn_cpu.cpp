@@ -54,6 +54,16 @@ void store_scalar(void* base, int64_t i, float value, DType dtype) {
   }
 }
 
+// What the reference does to a gained token: the fp32 product, rounded to the tokens' dtype.
+float round_to_dtype(float value, DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return value;
+    case DType::kFloat16: return cpu::fp16_to_float(cpu::float_to_fp16(value));
+    case DType::kBFloat16: return cpu::bf16_to_float(cpu::float_to_bf16(value));
+  }
+  return value;
+}
+
 // Bit mask over the tile's tokens of those whose persona keeps group g.
 uint32_t tokens_keeping(const MaskedFFNParams& p, const int32_t* personas, int num_tokens, int64_t g) {
   uint32_t mask = 0;
@@ -126,9 +136,17 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
     const int64_t num_blocks = static_cast<int64_t>(blocks.size());
     const int64_t chunk = std::max<int64_t>(1, num_blocks / (8 * workers));
     const int64_t num_chunks = (num_blocks + chunk - 1) / chunk;
-    for (int i = 0; i < nt; ++i)
-      for (int64_t j = 0; j < d; ++j)
-        x_tile[i * d + cpu::stored_index(j, d, p.dtype)] = load_scalar(p.x, (t0 + i) * p.x_row_stride + j, p.dtype);
+    for (int i = 0; i < nt; ++i) {
+      float* const row = x_tile.data() + static_cast<int64_t>(i) * d;
+      const int64_t x_offset = (t0 + i) * p.x_row_stride;
+      if (p.input_gains == nullptr) {
+        for (int64_t j = 0; j < d; ++j) row[cpu::stored_index(j, d, p.dtype)] = load_scalar(p.x, x_offset + j, p.dtype);
+      } else {
+        const float* const gains = p.input_gains + static_cast<int64_t>(personas[i]) * d;
+        for (int64_t j = 0; j < d; ++j)
+          row[cpu::stored_index(j, d, p.dtype)] = round_to_dtype(load_scalar(p.x, x_offset + j, p.dtype) * gains[j], p.dtype);
+      }
+    }
     const TileArgs args{p.gate_up, p.down_t, p.scales, x_tile.data(), personas, d, p.d_ff, p.activation, p.dtype};
     float* const acc_base = acc.data();
     float* const hidden_base = hidden.data();

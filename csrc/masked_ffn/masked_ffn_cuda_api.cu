@@ -26,6 +26,9 @@ CudaStatus check_params(const MaskedFFNParams& p, const MaskedFFNCudaConfig& con
     return invalid(error, "unknown dtype code " + std::to_string(static_cast<int>(p.dtype)));
   if (p.activation != Activation::kSilu && p.activation != Activation::kGeluTanh)
     return invalid(error, "unknown activation code " + std::to_string(static_cast<int>(p.activation)));
+  if (p.input_gains != nullptr)
+    return invalid(error, "input_gains are not fused into the CUDA kernels; multiply x by them first "
+                          "(persona_kernels.reference.apply_input_gains)");
   if (path != CudaPath::kDecode && path != CudaPath::kPrefill)
     return invalid(error, "unknown path code " + std::to_string(static_cast<int>(path)));
   if (p.num_tokens < 0 || p.d_model < 0 || p.d_ff < 0 || p.num_personas < 0)

@@ -2,7 +2,8 @@
 //
 // Semantics (persona_kernels/reference.py is the spec), for tokens t in [0, num_tokens):
 //
-//   h[t, c] = act(gate_up[c, 0] . x[t]) * (gate_up[c, 1] . x[t])          c in [0, d_ff)
+//   x'[t]   = round_to_dtype(float(x[t]) * input_gains[p(t)])   (x'[t] = x[t] when input_gains is null)
+//   h[t, c] = act(gate_up[c, 0] . x'[t]) * (gate_up[c, 1] . x'[t])        c in [0, d_ff)
 //   out[t]  = sum_c keep[p(t), c / G] * scale[p(t), c] * h[t, c] * down_t[c]
 //
 // where p(t) = persona_ids[t], keep[p, g] = bit (g % 32) of keep_bits[p * num_words + g / 32],
@@ -35,6 +36,7 @@ struct MaskedFFNParams {
   const int32_t* persona_ids = nullptr;  // [num_tokens], each in [0, num_personas)
   const int32_t* keep_bits = nullptr;    // [num_personas, num_words] group bitmaps
   const float* scales = nullptr;         // [num_personas, d_ff] or null (all ones)
+  const float* input_gains = nullptr;    // [num_personas, d_model] or null (all ones); CPU launcher only
   // Output, fully overwritten (never read).
   void* out = nullptr;                   // [num_tokens, out_row_stride] of dtype
 

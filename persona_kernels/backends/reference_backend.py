@@ -7,6 +7,9 @@ import torch
 from ..reference import masked_ffn_reference
 
 
+FUSES_INPUT_GAINS = True
+
+
 def is_available() -> bool:
     """The reference backend always runs."""
     return True
@@ -17,6 +20,8 @@ def unavailable_reason() -> str:
     return ""
 
 
-def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation) -> torch.Tensor:
+def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, *,
+               input_gains=None) -> torch.Tensor:
     """Compute the masked FFN with :func:`masked_ffn_reference` (float32 inside)."""
-    return masked_ffn_reference(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)
+    return masked_ffn_reference(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation,
+                                input_gains=input_gains)

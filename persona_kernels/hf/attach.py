@@ -298,9 +298,9 @@ class MaskedMLP(nn.Module):
         if state.prepared_tokens != n_tokens:
             batch = shape[0] if x.dim() >= 3 else 1
             ids = state.prepare(batch, n_tokens // batch if batch else 0)
-        if self.input_gains is not None:
-            tokens = apply_input_gains(tokens, self.input_gains, ids)
         if state.use_meta:
+            if self.input_gains is not None:
+                tokens = apply_input_gains(tokens, self.input_gains, ids)
             out = _masked_ffn_triton(
                 tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
                 group_size=self.group_size, activation=self.activation, meta=state.meta, layer=self.layer_index,
@@ -309,6 +309,7 @@ class MaskedMLP(nn.Module):
             out = masked_ffn(
                 tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
                 group_size=self.group_size, activation=self.activation, backend=self.backend, check_ids=False,
+                input_gains=self.input_gains,
             )
         return out.view(shape)
 
