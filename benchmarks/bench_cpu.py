@@ -11,7 +11,9 @@ after warm-up, with torch and the kernel both using every core:
 - ``cpu+scales`` (with ``--scales``): the same with the persona's per-channel scales applied in the
   epilogue (issue 8's target: within 2% of ``cpu``);
 - ``cpu+scales+gains`` (with ``--input-gains``, implies ``--scales``): scales plus the persona's FFN
-  input gains, applied to the tokens first (:func:`persona_kernels.reference.apply_input_gains`).
+  input gains, fused into the kernel's token load; and ``cpu+scales+gains pass``: the same with the
+  gains applied to the tokens first by :func:`persona_kernels.reference.apply_input_gains` (what
+  the backends that do not fuse them pay).
 
 Every token of a batch belongs to the same persona (the oracle's best case). Writes a JSON file
 and a markdown table under ``benchmarks/out/`` and a plot under ``benchmarks/plots/``.
@@ -136,10 +138,14 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                                 f"cpu kernel with scales ({shape} {dtype_name} G={G})")
                 if args.input_gains:
                     fns["cpu+scales+gains"] = lambda: cpu_backend.masked_ffn(
+                        x, gate_up, down_t, ids, bits, scales, G, "silu", input_gains=gains,
+                        num_threads=args.kernel_threads)
+                    fns["cpu+scales+gains pass"] = lambda: cpu_backend.masked_ffn(
                         apply_input_gains(x, gains, ids), gate_up, down_t, ids, bits, scales, G, "silu",
                         num_threads=args.kernel_threads)
-                    check_close(fns["cpu+scales+gains"](), ffn((x.float() * gains).to(dtype), o_gate, o_up, o_down_scaled, "silu"),
-                                f"cpu kernel with scales and input gains ({shape} {dtype_name} G={G})")
+                    gained_oracle = ffn((x.float() * gains).to(dtype), o_gate, o_up, o_down_scaled, "silu")
+                    for name in ("cpu+scales+gains", "cpu+scales+gains pass"):
+                        check_close(fns[name](), gained_oracle, f"{name} ({shape} {dtype_name} G={G})")
                 times = time_side_by_side(fns, reps=reps, warmup=2)
                 record = dict(
                     shape=shape, d=d, d_ff=d_ff, dtype=dtype_name, G=G, density=density, batch=batch,
@@ -152,7 +158,9 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                     record.update(cpu_scales_ms=times["cpu+scales"] * 1e3, scales_overhead=times["cpu+scales"] / times["cpu"] - 1)
                 if args.input_gains:
                     record.update(cpu_gains_ms=times["cpu+scales+gains"] * 1e3,
-                                  gains_overhead=times["cpu+scales+gains"] / times["cpu"] - 1)
+                                  gains_overhead=times["cpu+scales+gains"] / times["cpu"] - 1,
+                                  cpu_gains_pass_ms=times["cpu+scales+gains pass"] * 1e3,
+                                  gains_pass_overhead=times["cpu+scales+gains pass"] / times["cpu"] - 1)
                 records.append(record)
                 print(
                     f"{shape:13s} {dtype_name:4s} G={G:<3d} density={density:.2f} batch={batch:<3d} "
@@ -160,7 +168,9 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                     f"cpu {record['cpu_ms']:9.3f} ms  x{record['speedup_vs_dense']:.2f} vs dense  "
                     f"x{record['speedup_vs_oracle']:.2f} vs oracle"
                     + (f"  +scales {record['cpu_scales_ms']:9.3f} ms ({100 * record['scales_overhead']:+.1f}%)" if args.scales else "")
-                    + (f"  +gains {record['cpu_gains_ms']:9.3f} ms ({100 * record['gains_overhead']:+.1f}%)" if args.input_gains else ""),
+                    + (f"  +gains {record['cpu_gains_ms']:9.3f} ms ({100 * record['gains_overhead']:+.1f}%)"
+                       f"  +gains pass {record['cpu_gains_pass_ms']:9.3f} ms ({100 * record['gains_pass_overhead']:+.1f}%)"
+                       if args.input_gains else ""),
                     flush=True,
                 )
 
@@ -171,14 +181,16 @@ def markdown_table(records: list[dict]) -> str:
     gained = any("cpu_gains_ms" in r for r in records)
     extra_head, extra_rule = (" cpu + scales ms | scales cost |", "---|---|") if scaled else ("", "")
     if gained:
-        extra_head, extra_rule = extra_head + " + input gains ms | scales + gains cost |", extra_rule + "---|---|"
+        extra_head += " + input gains ms | scales + gains cost | gains as a separate pass ms | cost |"
+        extra_rule += "---|---|---|---|"
     lines = [
         "| shape | dtype | G | density | batch | dense ms | oracle ms | cpu kernel ms | vs dense | vs oracle |" + extra_head,
         "|---|---|---|---|---|---|---|---|---|---|" + extra_rule,
     ]
     for r in records:
         extra = f" {r['cpu_scales_ms']:.3f} | {100 * r['scales_overhead']:+.1f}% |" if scaled else ""
-        extra += f" {r['cpu_gains_ms']:.3f} | {100 * r['gains_overhead']:+.1f}% |" if gained else ""
+        extra += (f" {r['cpu_gains_ms']:.3f} | {100 * r['gains_overhead']:+.1f}% |"
+                  f" {r['cpu_gains_pass_ms']:.3f} | {100 * r['gains_pass_overhead']:+.1f}% |") if gained else ""
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['G']} | {r['density']:.2f} | {r['batch']} | {r['dense_ms']:.3f} | "
             f"{r['oracle_ms']:.3f} | {r['cpu_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_oracle']:.2f}x |" + extra
