@@ -13,7 +13,8 @@ Methods, timed per (tokens, personas in the batch, density) with ``triton.testin
   plus the ``decode`` / ``prefill`` paths forced, and ``ours_loop``: one launch per persona.
 - ``ours_scales``: ``ours`` with per-channel persona scales in the epilogue (issue 8: within 2%).
 - ``ours_gains`` (decode sizes only): ``ours_scales`` after per-persona FFN input gains, applied to
-  the tokens by :func:`persona_kernels.reference.apply_input_gains` (a separate elementwise pass).
+  the tokens by :func:`persona_kernels.reference.apply_input_gains` (a separate elementwise pass:
+  the triton and cuda kernels do not fuse the gains; the cpu kernel does).
 - ``prepare``: :meth:`StepMeta.prepare` alone (once per step, shared by all layers).
 
 Each config is also checked against the oracle. Output (folder: ``--out``, else
