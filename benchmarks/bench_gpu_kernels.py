@@ -12,9 +12,9 @@ Methods, timed per (tokens, personas in the batch, density) with ``triton.testin
 - ``ours``: one :func:`masked_ffn_triton` launch for the mixed batch (path by ``choose_path``),
   plus the ``decode`` / ``prefill`` paths forced, and ``ours_loop``: one launch per persona.
 - ``ours_scales``: ``ours`` with per-channel persona scales in the epilogue (issue 8: within 2%).
-- ``ours_gains`` (decode sizes only): ``ours_scales`` after per-persona FFN input gains, applied to
-  the tokens by :func:`persona_kernels.reference.apply_input_gains` (a separate elementwise pass:
-  the triton and cuda kernels do not fuse the gains; the cpu kernel does).
+- ``ours_gains`` (decode sizes only): ``ours_scales`` with per-persona FFN input gains, which the
+  kernels multiply into each token as they load it (checked against the oracle on tokens
+  pre-multiplied by :func:`persona_kernels.reference.apply_input_gains`).
 - ``prepare``: :meth:`StepMeta.prepare` alone (once per step, shared by all layers).
 
 Each config is also checked against the oracle. Output (folder: ``--out``, else
@@ -177,11 +177,12 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
 
-    def ours(x, path=None, scaled=False):
-        return masked_ffn_triton(x, gu, dn, ids, bits, scales if scaled else None, group_size=G, meta=meta, out=out, path=path)
+    def ours(x, path=None, scaled=False, input_gains=None):
+        return masked_ffn_triton(x, gu, dn, ids, bits, scales if scaled else None, group_size=G, meta=meta, out=out,
+                                 path=path, input_gains=input_gains)
 
     def ours_gains(x):
-        return ours(apply_input_gains(x, gains, ids), None, True)
+        return ours(x, None, True, gains)
 
     def ours_loop(x):
         for m, lo, hi in zip(loop_metas, bounds[:-1], bounds[1:]):

@@ -191,8 +191,8 @@ def masked_ffn(
         check_ids: verify persona ids are in range (synchronises a GPU; callers that validated
             ids already, or capture CUDA graphs, pass ``False``).
         input_gains: optional ``[P, d]`` per-persona gains multiplying ``x`` first
-            (:func:`~persona_kernels.reference.apply_input_gains`): fused into the cpu kernel's
-            token load, a separate elementwise pass before the triton and cuda kernels.
+            (:func:`~persona_kernels.reference.apply_input_gains`): fused into the token loads of
+            the cpu and triton kernels, a separate elementwise pass before the cuda kernels.
 
     Returns:
         ``[T, d]`` output in ``x.dtype``; nothing is modified in place.

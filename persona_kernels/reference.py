@@ -8,8 +8,8 @@ Semantics (one transformer layer, tokens ``t`` with persona ``p(t)``)::
 where ``keep`` is the per-persona group bitmap (``keep_bits``) and ``scale`` is 1 where no
 scales are given. The dense persona is simply a row whose bits are all set. Optional per-persona
 FFN input gains first replace ``x[t]`` by ``x[t] * gain[p(t)]``, rounded to ``x``'s dtype
-(:func:`apply_input_gains`); the cpu kernel fuses this into its token load, and for the other
-backends the dispatcher applies it first.
+(:func:`apply_input_gains`); the cpu and triton kernels fuse this into their token loads; for
+the cuda backend the dispatcher applies it first.
 """
 
 from __future__ import annotations

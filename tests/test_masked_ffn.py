@@ -146,6 +146,34 @@ def test_input_gains_equal_prescaled_tokens(dtype):
     assert torch.equal(masked_ffn(**ones, group_size=16, backend="reference"), masked_ffn(**inputs, group_size=16, backend="reference"))
 
 
+def _fused_runs(backend: str):
+    """``(label, run)`` for each way ``backend`` can apply input gains itself; ``run(inputs, gains)``."""
+    if backend == "cpu":
+        from persona_kernels.backends import cpu_backend
+
+        return [("cpu", lambda inputs, gains: cpu_backend.masked_ffn(
+            **inputs, group_size=16, activation="silu", input_gains=gains, num_threads=1))]
+    from persona_kernels.backends.triton_backend import masked_ffn_triton
+
+    return [(path, lambda inputs, gains, path=path: masked_ffn_triton(
+        **inputs, group_size=16, input_gains=gains, path=path)) for path in ("decode", "prefill")]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_gains_equal_prescaled_tokens(backend, dtype):
+    """A kernel that fuses the gains rounds each gained token to its dtype exactly as the reference does."""
+    require_backend(backend)
+    inputs = with_input_gains(make_inputs(11, 40, 96, 16, "mixed_scales", dtype, device_for(backend),
+                                          _seed("fused", dtype)), 5)
+    gains = inputs.pop("input_gains")
+    prescaled = dict(inputs, x=apply_input_gains(inputs["x"], gains, inputs["persona_ids"]))
+    for label, run in _fused_runs(backend):
+        fused = run(inputs, gains)
+        assert torch.equal(fused, run(prescaled, None)), label
+        assert not torch.equal(fused, run(inputs, None)), label
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     require_backend(backend)
@@ -202,21 +230,6 @@ def test_cpu_writes_every_output_element(dtype, T, isa, gains):
     error = (out.float() - oracle).abs().max().item()
     bound = max(2 * (plain - oracle).abs().max().item(), FLOOR[dtype] * (1 + oracle.abs().max().item()))
     assert error <= bound
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_fused_gains_equal_prescaled_tokens(dtype):
-    """The kernel's fused gains round each gained token to its dtype exactly as the reference does."""
-    require_backend("cpu")
-    from persona_kernels.backends import cpu_backend
-
-    inputs = with_input_gains(make_inputs(11, 40, 96, 16, "mixed_scales", dtype, torch.device("cpu"),
-                                          _seed("fused", dtype)), 5)
-    gains = inputs.pop("input_gains")
-    prescaled = dict(inputs, x=apply_input_gains(inputs["x"], gains, inputs["persona_ids"]))
-    fused = cpu_backend.masked_ffn(**inputs, group_size=16, activation="silu", input_gains=gains, num_threads=1)
-    assert torch.equal(fused, cpu_backend.masked_ffn(**prescaled, group_size=16, activation="silu", num_threads=1))
-    assert not torch.equal(fused, cpu_backend.masked_ffn(**inputs, group_size=16, activation="silu", num_threads=1))
 
 
 def test_cpu_thread_counts_agree():

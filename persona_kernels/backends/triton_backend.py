@@ -27,6 +27,8 @@ except ImportError as error:  # triton missing or incompatible
     INTERPRET = False
     _IMPORT_ERROR = str(error)
 
+FUSES_INPUT_GAINS = True  # both kernels multiply each token by its persona's gains as they load it
+
 PATHS = ("decode", "prefill")
 DECODE_MAX_TOKENS = 64
 """Token counts up to this always take the decode path."""
@@ -78,7 +80,7 @@ def _t_class(n_tokens: int) -> int:
     return 0 if n_tokens < 512 else 1 if n_tokens < 4096 else 2
 
 
-def _run_decode(x, gate_up, down_t, bits, scales, group_size, act, meta, layer, out) -> None:
+def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, layer, out) -> None:
     T, d = x.shape
     d_ff = gate_up.shape[0]
     fp32_dot = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
@@ -88,9 +90,10 @@ def _run_decode(x, gate_up, down_t, bits, scales, group_size, act, meta, layer, 
     h = torch.empty(T, d_ff, dtype=x.dtype, device=x.device)
     decode.decode_gate_up_kernel[lambda m: (t_blocks, triton.cdiv(d_ff, m["BLOCK_C"]))](
         x, x.stride(0), gate_up, meta.token_ids, bits, bits.shape[1],
-        scales if scales is not None else bits, union_ids, union_count, h, h.stride(0),
-        T, d, d_ff, group_size,
-        ACT=act, HAS_SCALES=scales is not None, FP32_DOT=fp32_dot, BLOCK_T=block_t,
+        scales if scales is not None else bits, gains if gains is not None else bits,
+        union_ids, union_count, h, h.stride(0), T, d, d_ff, group_size,
+        ACT=act, HAS_SCALES=scales is not None, HAS_GAINS=gains is not None,
+        BF16_RNE_BY_HAND=INTERPRET and x.dtype == torch.bfloat16, FP32_DOT=fp32_dot, BLOCK_T=block_t,
     )
     d_tiles = triton.cdiv(d, decode.DOWN_BLOCK_D)
     splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks * d_tiles), triton.cdiv(d_ff, 256)))
@@ -111,7 +114,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, group_size, act, meta, layer, 
     decode.reduce_splits_kernel[(triton.cdiv(T * d, block),)](part, out, out.stride(0), T, d, splits, BLOCK=block)
 
 
-def _run_prefill(x, gate_up, down_t, scales, group_size, act, meta, layer, out) -> None:
+def _run_prefill(x, gate_up, down_t, scales, gains, group_size, act, meta, layer, out) -> None:
     T, d = x.shape
     d_ff = gate_up.shape[0]
     fp32_dot = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
@@ -122,9 +125,10 @@ def _run_prefill(x, gate_up, down_t, scales, group_size, act, meta, layer, out) 
     prefill.prefill_gate_up_kernel[lambda m: (tiles, triton.cdiv(d_ff, m["BLOCK_N"]))](
         x, x.stride(0), gate_up, meta.token_order, meta.slot_persona, meta.slot_start,
         meta.tile_slot, meta.tile_start, meta.n_tiles, slot_ids, slot_count, meta.n_groups,
-        scales if scales is not None else slot_count, h, h.stride(0),
-        d, d_ff, group_size, t_class,
-        ACT=act, HAS_SCALES=scales is not None, FP32_DOT=fp32_dot, BLOCK_M=meta.block_m,
+        scales if scales is not None else slot_count, gains if gains is not None else slot_count,
+        h, h.stride(0), d, d_ff, group_size, t_class,
+        ACT=act, HAS_SCALES=scales is not None, HAS_GAINS=gains is not None,
+        BF16_RNE_BY_HAND=INTERPRET and x.dtype == torch.bfloat16, FP32_DOT=fp32_dot, BLOCK_M=meta.block_m,
     )
     prefill.prefill_down_kernel[lambda m: (tiles, triton.cdiv(d, m["BLOCK_N"]))](
         h, h.stride(0), down_t, meta.token_order, meta.slot_start,
@@ -148,6 +152,7 @@ def masked_ffn_triton(
     layer: int = 0,
     out: torch.Tensor | None = None,
     path: str | None = None,
+    input_gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked gated FFN with the Triton kernels (arguments as validated by ``ops.check_masked_ffn_args``).
 
@@ -167,6 +172,8 @@ def masked_ffn_triton(
         layer: which layer of ``meta`` to use.
         out: optional ``[T, d]`` output (x's dtype and device, unit column stride); written in full.
         path: ``"decode"``, ``"prefill"`` or None for :func:`choose_path`.
+        input_gains: optional ``[P, d]`` per-persona gains multiplying each token as it is loaded
+            (:func:`persona_kernels.reference.apply_input_gains`; used in fp32).
 
     Returns:
         ``out`` (or a new ``[T, d]`` tensor) in x's dtype.
@@ -207,14 +214,20 @@ def masked_ffn_triton(
     gate_up, down_t, bits = gate_up.contiguous(), down_t.contiguous(), keep_bits.contiguous()
     if scales is not None:
         scales = scales.to(torch.float32).contiguous()
+    if input_gains is not None:
+        if tuple(input_gains.shape) != (keep_bits.shape[0], d):
+            raise ValueError(f"input_gains must be [{keep_bits.shape[0]}, {d}], got {tuple(input_gains.shape)}")
+        input_gains = input_gains.to(torch.float32).contiguous()
     act = ACTIVATION_CODES[activation]
     if path == "decode":
-        _run_decode(x, gate_up, down_t, bits, scales, group_size, act, meta, layer, out)
+        _run_decode(x, gate_up, down_t, bits, scales, input_gains, group_size, act, meta, layer, out)
     else:
-        _run_prefill(x, gate_up, down_t, scales, group_size, act, meta, layer, out)
+        _run_prefill(x, gate_up, down_t, scales, input_gains, group_size, act, meta, layer, out)
     return out
 
 
-def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation) -> torch.Tensor:
+def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, *,
+               input_gains=None) -> torch.Tensor:
     """Backend contract of :mod:`persona_kernels.ops`: a new output, path chosen by :func:`choose_path`."""
-    return masked_ffn_triton(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size=group_size, activation=activation)
+    return masked_ffn_triton(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size=group_size,
+                             activation=activation, input_gains=input_gains)

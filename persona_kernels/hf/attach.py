@@ -43,7 +43,6 @@ from ..bank import DENSE_PERSONA_ID, DENSE_PERSONA_NAME, MaskBank, MaskBankError
 from ..fingerprint import ffn_fingerprint
 from ..layout import PackedFFN, pack_ffn, unpack_ffn
 from ..ops import masked_ffn, resolve_backend
-from ..reference import apply_input_gains
 from ..step_meta import StepMeta
 
 _ATTR = "_persona_kernels_attachment"
@@ -299,11 +298,10 @@ class MaskedMLP(nn.Module):
             batch = shape[0] if x.dim() >= 3 else 1
             ids = state.prepare(batch, n_tokens // batch if batch else 0)
         if state.use_meta:
-            if self.input_gains is not None:
-                tokens = apply_input_gains(tokens, self.input_gains, ids)
             out = _masked_ffn_triton(
                 tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
                 group_size=self.group_size, activation=self.activation, meta=state.meta, layer=self.layer_index,
+                input_gains=self.input_gains,
             )
         else:
             out = masked_ffn(

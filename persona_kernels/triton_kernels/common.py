@@ -35,6 +35,21 @@ def activate(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def gain_tokens(xa, gain, BF16_RNE_BY_HAND: tl.constexpr):
+    """``xa * gain`` in fp32, rounded to nearest even in ``xa``'s dtype (as ``apply_input_gains``).
+
+    ``BF16_RNE_BY_HAND`` rounds a bf16 result with integer ops: the interpreter truncates fp32 to
+    bf16 casts (Triton 3.7.1), while compiled kernels round to nearest even, as torch does.
+    """
+    prod = xa.to(tl.float32) * gain
+    if BF16_RNE_BY_HAND:
+        bits = prod.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        prod = bits.to(tl.float32, bitcast=True)  # exact in bf16 now, so the cast below is too
+    return prod.to(xa.dtype)
+
+
+@triton.jit
 def mma(a, b, acc, FP32_DOT: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 

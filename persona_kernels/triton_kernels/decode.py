@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, activate, configs, mma
+from .common import INTERPRET, activate, configs, gain_tokens, mma
 
 DOWN_BLOCK_D = 32 if INTERPRET else 128
 """Output columns per program of the down kernel (fixed: the launcher sizes the split count by it)."""
@@ -46,15 +46,17 @@ def decode_gate_up_kernel(
     token_ids_ptr,             # [T] int32 persona of each token
     bits_ptr, n_words,         # [P, n_words] int32 group bitmaps
     scales_ptr,                # [P, d_ff] fp32 (unused without HAS_SCALES)
+    gains_ptr,                 # [P, d] fp32 input gains (unused without HAS_GAINS)
     union_ids_ptr,             # [n_groups] int32, first union_count entries are the union
     union_count_ptr,           # [1] int32
     h_ptr, stride_ht,          # [T, >= d_ff] workspace, x's dtype
     T, d, d_ff, G,
-    ACT: tl.constexpr, HAS_SCALES: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACT: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_GAINS: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(T, BLOCK_T), cdiv(d_ff, BLOCK_C))``; token blocks vary fastest so programs
-    sharing a weight chunk run together and re-reads hit L2."""
+    sharing a weight chunk run together and re-reads hit L2. With ``HAS_GAINS`` each token is
+    multiplied by its persona's gains as it is loaded (fp32, rounded back to x's dtype)."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_ch = tl.load(union_count_ptr) * G
@@ -66,6 +68,7 @@ def decode_gate_up_kernel(
     channel = (group * G + j % G).to(tl.int64)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
+    persona = tl.load(token_ids_ptr + t, mask=t_ok, other=0)
 
     w_row = gate_up_ptr + channel[None, :] * (2 * d)
     acc_g = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
@@ -74,13 +77,16 @@ def decode_gate_up_kernel(
         k = k0 + tl.arange(0, BLOCK_D)
         k_ok = k < d
         xa = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_GAINS:
+            gain = tl.load(gains_ptr + persona[:, None].to(tl.int64) * d + k[None, :],
+                           mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            xa = gain_tokens(xa, gain, BF16_RNE_BY_HAND)
         w_ok = k_ok[:, None] & j_ok[None, :]
         wg = tl.load(w_row + k[:, None], mask=w_ok, other=0.0)
         wu = tl.load(w_row + d + k[:, None], mask=w_ok, other=0.0)
         acc_g = mma(xa, wg, acc_g, FP32_DOT)
         acc_u = mma(xa, wu, acc_u, FP32_DOT)
 
-    persona = tl.load(token_ids_ptr + t, mask=t_ok, other=0)
     word = tl.load(bits_ptr + persona[:, None] * n_words + (group >> 5)[None, :])
     kept = ((word >> (group & 31)[None, :]) & 1) != 0
     h = tl.where(kept, activate(acc_g, ACT) * acc_u, 0.0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import activate, configs, mma
+from .common import activate, configs, gain_tokens, mma
 
 
 @triton.autotune(
@@ -44,13 +44,16 @@ def prefill_gate_up_kernel(
     tile_slot_ptr, tile_start_ptr, n_tiles_ptr,  # tile table and its device-side length
     slot_ids_ptr, slot_count_ptr, n_groups,      # [S, n_groups] kept group ids per slot, [S] counts
     scales_ptr,                # [P, d_ff] fp32 (unused without HAS_SCALES)
+    gains_ptr,                 # [P, d] fp32 input gains (unused without HAS_GAINS)
     h_ptr, stride_ht,          # [T, >= d_ff] workspace, x's dtype
     d, d_ff, G, T_CLASS,
-    ACT: tl.constexpr, HAS_SCALES: tl.constexpr, FP32_DOT: tl.constexpr,
+    ACT: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_GAINS: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
+    FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid ``(max_tiles, cdiv(d_ff, BLOCK_N))``; programs past the tile count or past the
-    persona's kept channels exit at once."""
+    persona's kept channels exit at once. With ``HAS_GAINS`` the tile's rows are multiplied by
+    their (one) persona's gains as they are loaded (fp32, rounded back to x's dtype)."""
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     if tile >= tl.load(n_tiles_ptr):
@@ -66,6 +69,7 @@ def prefill_gate_up_kernel(
     j_ok = j < n_ch
     group = tl.load(slot_ids_ptr + slot * n_groups + j // G, mask=j_ok, other=0)
     channel = (group * G + j % G).to(tl.int64)
+    persona = tl.load(slot_persona_ptr + slot).to(tl.int64)
 
     x_row = x_ptr + token[:, None].to(tl.int64) * stride_xt
     w_row = gate_up_ptr + channel[None, :] * (2 * d)
@@ -75,6 +79,9 @@ def prefill_gate_up_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < d
         xa = tl.load(x_row + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_GAINS:
+            gain = tl.load(gains_ptr + persona * d + k, mask=k_ok, other=0.0)
+            xa = gain_tokens(xa, gain[None, :], BF16_RNE_BY_HAND)
         w_ok = k_ok[:, None] & j_ok[None, :]
         wg = tl.load(w_row + k[:, None], mask=w_ok, other=0.0)
         wu = tl.load(w_row + d + k[:, None], mask=w_ok, other=0.0)
@@ -83,7 +90,6 @@ def prefill_gate_up_kernel(
 
     h = activate(acc_g, ACT) * acc_u
     if HAS_SCALES:
-        persona = tl.load(slot_persona_ptr + slot).to(tl.int64)
         h *= tl.load(scales_ptr + persona * d_ff + channel, mask=j_ok, other=0.0)[None, :]
     dest = h_ptr + rows[:, None].to(tl.int64) * stride_ht + j[None, :]
     tl.store(dest, h.to(h_ptr.dtype.element_ty), mask=r_ok[:, None] & j_ok[None, :])
