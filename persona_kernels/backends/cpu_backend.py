@@ -51,8 +51,9 @@ def masked_ffn(
     """Run the C++ kernel on CPU tensors (arguments already validated by the dispatcher).
 
     Semantics: :func:`persona_kernels.reference.masked_ffn_reference` (``input_gains [P, d]``
-    included, applied as the kernel loads each token). Returns a new ``[T, d]`` tensor in ``x.dtype``. ``num_threads=0`` uses OpenMP's default (all cores); ``isa`` picks the
-    inner loops (``"auto"``, ``"avx2"`` or ``"generic"``), for tests and benchmarks.
+    included, applied as the kernel loads each token). Returns a new ``[T, d]`` tensor in
+    ``x.dtype``. ``num_threads=0`` uses OpenMP's default (all cores); ``isa`` picks the inner loops
+    (``"auto"``, ``"avx2"`` or ``"generic"``), for tests and benchmarks.
     """
     if _cpu is None:
         raise RuntimeError(unavailable_reason())
