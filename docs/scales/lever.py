@@ -34,6 +34,7 @@ p.add_argument("--wd", type=float, default=0.0, help="weight of the mean squared
 p.add_argument("--steps", type=int, default=60)
 p.add_argument("--lr", type=float, default=0.05)
 p.add_argument("--kl", type=float, default=10.0)
+p.add_argument("--bias-lr", type=float, default=None, help="step size of the learned output bias (default: --lr)")
 p.add_argument("--holdout", type=int, default=0)
 add_run_arguments(p)
 p.add_argument("--out", default="/tmp/lever_runs.jsonl")
@@ -67,7 +68,9 @@ scales = torch.ones(L, d_ff, requires_grad=True)
 group_scales = torch.ones(L, d_ff // G, requires_grad=True)
 bias = (flap_bias() if "flap" in a.variant else torch.zeros(L, d_model)).requires_grad_(True)
 gain = torch.ones(L, d_model, requires_grad=True)
-groups = [{"params": [t for key, t in (("scales", scales), ("group", group_scales), ("learnbias", bias)) if key in a.variant], "lr": a.lr}]
+groups = [{"params": [t for key, t in (("scales", scales), ("group", group_scales)) if key in a.variant], "lr": a.lr}]
+if "learnbias" in a.variant:
+    groups.append({"params": [bias], "lr": a.lr if a.bias_lr is None else a.bias_lr})
 if "gain" in a.variant:
     groups.append({"params": [gain], "lr": 0.01})
 
@@ -152,7 +155,7 @@ for step in range(a.steps if optimizer else 0):
     if (step + 1) % 10 == 0:
         trajectory.append((step + 1, eval_kl(), holdout_kl()))
         print(trajectory[-1], float(loss), flush=True)
-row = dict(persona=a.persona, bank=a.bank, variant=a.variant, wd=a.wd, lr=a.lr, kl=a.kl, holdout=a.holdout, steps=a.steps,
+row = dict(persona=a.persona, bank=a.bank, variant=a.variant, wd=a.wd, lr=a.lr, bias_lr=a.bias_lr, kl=a.kl, holdout=a.holdout, steps=a.steps,
            trajectory=trajectory, seconds=round(time.time() - began))
 with open(a.out, "a") as stream:
     stream.write(json.dumps(row) + "\n")
