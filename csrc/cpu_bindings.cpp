@@ -44,7 +44,8 @@ CpuIsa parse_isa(const std::string& name) {
 }
 
 void masked_ffn(uintptr_t x, uintptr_t gate_up, uintptr_t down_t, uintptr_t persona_ids, uintptr_t keep_bits,
-                uintptr_t scales, uintptr_t input_gains, uintptr_t out, int64_t num_tokens, int64_t d_model, int64_t d_ff,
+                uintptr_t scales, uintptr_t input_gains, uintptr_t output_bias, uintptr_t out, int64_t num_tokens,
+                int64_t d_model, int64_t d_ff,
                 int64_t num_personas, int64_t group_size, const std::string& activation, const std::string& dtype,
                 int num_threads, const std::string& isa) {
   MaskedFFNParams p;
@@ -79,6 +80,7 @@ void masked_ffn(uintptr_t x, uintptr_t gate_up, uintptr_t down_t, uintptr_t pers
   p.keep_bits = reinterpret_cast<const int32_t*>(keep_bits);
   p.scales = reinterpret_cast<const float*>(scales);
   p.input_gains = reinterpret_cast<const float*>(input_gains);
+  p.output_bias = reinterpret_cast<const float*>(output_bias);
   p.out = reinterpret_cast<void*>(out);
   for (int64_t t = 0; t < num_tokens; ++t) {
     const int32_t id = p.persona_ids[t];
@@ -103,11 +105,13 @@ Semantics: ``persona_kernels.reference.masked_ffn_reference``. Every pointer is 
   persona_ids [T] int32; keep_bits [P, ceil(d_ff / G / 32)] int32;
   scales [P, d_ff] float32, or 0 for none;
   input_gains [P, d] float32, or 0 for none: x[t] is multiplied by input_gains[persona_ids[t]] in
-  float32 and rounded to ``dtype`` before the projections (fused into the load of the token tile).
+  float32 and rounded to ``dtype`` before the projections (fused into the load of the token tile);
+  output_bias [P, d] float32, or 0 for none: output_bias[persona_ids[t]] is added in float32 to the
+  output rounded to ``dtype``, and the sum rounded again (fused into the store).
 ``out`` is fully overwritten. The GIL is released while the kernel runs.
 )doc",
         py::arg("x"), py::arg("gate_up"), py::arg("down_t"), py::arg("persona_ids"), py::arg("keep_bits"),
-        py::arg("scales"), py::arg("input_gains"), py::arg("out"), py::arg("num_tokens"), py::arg("d_model"), py::arg("d_ff"),
+        py::arg("scales"), py::arg("input_gains"), py::arg("output_bias"), py::arg("out"), py::arg("num_tokens"), py::arg("d_model"), py::arg("d_ff"),
         py::arg("num_personas"), py::arg("group_size"), py::arg("activation"), py::arg("dtype"),
         py::arg("num_threads") = 0, py::arg("isa") = "auto");
   m.def("isa", [](const std::string& name) { return std::string(cpu_isa_name(parse_isa(name))); },

@@ -7,7 +7,7 @@ Each persona is a few kilobytes of FFN channel-group mask over the shared weight
 from .bank import MaskBank, MaskBankError, ModelMismatchError, PersonaMask
 from .layout import PackedFFN, pack_ffn, unpack_ffn
 from .ops import BACKENDS, available_backends, masked_ffn, resolve_backend
-from .reference import apply_input_gains, masked_ffn_reference
+from .reference import apply_input_gains, apply_output_bias, masked_ffn_reference
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "PersonaMask",
     "PackedFFN",
     "apply_input_gains",
+    "apply_output_bias",
     "available_backends",
     "masked_ffn",
     "masked_ffn_reference",

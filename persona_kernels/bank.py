@@ -1,8 +1,8 @@
 """The mask bank: many personas' FFN channel-group masks for one base model (docs/FORMAT.md).
 
 In memory a persona is a :class:`PersonaMask` (a bool ``[L, n_groups]`` keep mask, optional
-``[L, d_ff]`` channel scales and optional ``[L, d_model]`` FFN input gains); a :class:`MaskBank`
-holds them with the base model's identity.
+``[L, d_ff]`` channel scales, optional ``[L, d_model]`` FFN input gains and FFN output bias); a
+:class:`MaskBank` holds them with the base model's identity.
 Persona ids are 1-based positions in the bank; id 0 is reserved for the dense model.
 """
 
@@ -21,6 +21,8 @@ FORMAT_VERSION = 1
 DENSE_PERSONA_ID = 0
 DENSE_PERSONA_NAME = "dense"
 MAX_DESCRIPTION_CHARS = 4000
+HIDDEN_VECTORS = {"input_gains": ("input gains", 1.0), "output_bias": ("output bias", 0.0)}
+"""Per-persona ``[L, d_model]`` fields: attribute -> (what error messages call it, value meaning "none")."""
 
 
 class MaskBankError(ValueError):
@@ -33,11 +35,12 @@ class ModelMismatchError(MaskBankError):
 
 @dataclass
 class PersonaMask:
-    """One persona: which channel groups each FFN layer keeps, with optional scales and input gains.
+    """One persona: which channel groups each FFN layer keeps, with optional scales, input gains and output bias.
 
     ``keep``: bool ``[L, n_groups]``. ``scales``: float32 ``[L, d_ff]`` (only kept channels matter)
     or ``None`` for all ones. ``input_gains``: float32 ``[L, d_model]``, multiplying each FFN's input
     (the normalised hidden state) before the gate and up projections, or ``None`` for all ones.
+    ``output_bias``: float32 ``[L, d_model]``, added to each FFN's output, or ``None`` for zeros.
     ``report``: free-form JSON-able training report.
     """
 
@@ -48,6 +51,7 @@ class PersonaMask:
     scales: torch.Tensor | None = None
     report: dict = field(default_factory=dict)
     input_gains: torch.Tensor | None = None
+    output_bias: torch.Tensor | None = None
 
     @property
     def sparsity(self) -> float:
@@ -84,7 +88,7 @@ class MaskBank:
             self.permutation = _checked_permutation(self.permutation, self.n_layers, self.d_ff)
         for persona in self.personas:
             self._check_persona(persona)
-        self._check_gain_widths(self.personas)
+        self._check_hidden_widths(self.personas)
         names = [p.name for p in self.personas]
         if len(set(names)) != len(names):
             raise MaskBankError(f"duplicate persona names in bank: {sorted(n for n in set(names) if names.count(n) > 1)}")
@@ -95,9 +99,9 @@ class MaskBank:
         return self.d_ff // self.group_size
 
     @property
-    def gain_width(self) -> int | None:
-        """``d_model`` of the personas' FFN input gains, or ``None`` when no persona has gains."""
-        widths = {p.input_gains.shape[1] for p in self.personas if p.input_gains is not None}
+    def hidden_width(self) -> int | None:
+        """``d_model`` of the personas' FFN input gains and output biases, or ``None`` when no persona has either."""
+        widths = {getattr(p, key).shape[1] for p in self.personas for key in HIDDEN_VECTORS if getattr(p, key) is not None}
         return widths.pop() if widths else None
 
     @property
@@ -128,7 +132,7 @@ class MaskBank:
     def add(self, persona: PersonaMask) -> int:
         """Add ``persona``, replacing one of the same name in place; return its id."""
         self._check_persona(persona)
-        self._check_gain_widths([p for p in self.personas if p.name != persona.name] + [persona])
+        self._check_hidden_widths([p for p in self.personas if p.name != persona.name] + [persona])
         for index, entry in enumerate(self.personas):
             if entry.name == persona.name:
                 self.personas[index] = persona
@@ -150,9 +154,9 @@ class MaskBank:
                 f"mask bank for {self.base_model!r} has {self.n_layers} layers x d_ff {self.d_ff}, "
                 f"but the model {name!r} has {n_layers} layers x d_ff {d_ff}"
             )
-        if d_model is not None and self.gain_width not in (None, d_model):
+        if d_model is not None and self.hidden_width not in (None, d_model):
             raise ModelMismatchError(
-                f"mask bank for {self.base_model!r} has FFN input gains of width {self.gain_width}, "
+                f"mask bank for {self.base_model!r} has FFN input gains or output biases of width {self.hidden_width}, "
                 f"but the model {name!r} has hidden size {d_model}"
             )
         if fingerprint != self.fingerprint:
@@ -180,13 +184,19 @@ class MaskBank:
 
     def input_gains_table(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """FFN input gains ``[L, P + 1, d_model]`` float32 (ones where a persona has none), or ``None`` if no persona has gains."""
-        width = self.gain_width
-        if width is None:
+        return self._hidden_table("input_gains", device)
+
+    def output_bias_table(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """FFN output biases ``[L, P + 1, d_model]`` float32 (zeros where a persona has none), or ``None`` if no persona has one."""
+        return self._hidden_table("output_bias", device)
+
+    def _hidden_table(self, key: str, device: torch.device | str) -> torch.Tensor | None:
+        if not any(getattr(p, key) is not None for p in self.personas):
             return None
-        table = torch.ones(self.n_layers, len(self.personas) + 1, width, dtype=torch.float32)
+        table = torch.full((self.n_layers, len(self.personas) + 1, self.hidden_width), HIDDEN_VECTORS[key][1])
         for index, persona in enumerate(self.personas):
-            if persona.input_gains is not None:
-                table[:, index + 1] = persona.input_gains
+            if getattr(persona, key) is not None:
+                table[:, index + 1] = getattr(persona, key)
         return table.to(device)
 
     def save(self, path: str | Path) -> None:
@@ -217,9 +227,10 @@ class MaskBank:
                 kept = p.scales[channel_keep(p.keep, self.group_size)]
                 scale_note = f"mean {float(kept.mean()):.3f}, range [{float(kept.min()):.3f}, {float(kept.max()):.3f}]" if kept.numel() else "none kept"
             gain_note = ""
-            if p.input_gains is not None:
-                gains = p.input_gains
-                gain_note = f", input gains: mean {float(gains.mean()):.3f}, range [{float(gains.min()):.3f}, {float(gains.max()):.3f}]"
+            for key, (label, _) in HIDDEN_VECTORS.items():
+                vector = getattr(p, key)
+                if vector is not None:
+                    gain_note += f", {label}: mean {float(vector.mean()):.3f}, range [{float(vector.min()):.3f}, {float(vector.max()):.3f}]"
             lines.append(
                 f"  [{index + 1}] {p.name}: method {p.method}, sparsity {p.sparsity:.3f} "
                 f"(layers {min(per_layer):.2f}..{max(per_layer):.2f}), scales: {scale_note}{gain_note}"
@@ -249,15 +260,17 @@ class MaskBank:
                 )
             if not torch.isfinite(persona.scales).all():
                 raise MaskBankError(f"persona {persona.name!r}: scales contain NaN or infinity")
-        if persona.input_gains is not None:
-            gains = persona.input_gains
-            if gains.dim() != 2 or gains.shape[0] != self.n_layers or gains.shape[1] < 1 or not gains.is_floating_point():
+        for key, (label, _) in HIDDEN_VECTORS.items():
+            vector = getattr(persona, key)
+            if vector is None:
+                continue
+            if vector.dim() != 2 or vector.shape[0] != self.n_layers or vector.shape[1] < 1 or not vector.is_floating_point():
                 raise MaskBankError(
-                    f"persona {persona.name!r}: input gains must be float [{self.n_layers}, d_model], "
-                    f"got {gains.dtype} {list(gains.shape)}"
+                    f"persona {persona.name!r}: {label} must be float [{self.n_layers}, d_model], "
+                    f"got {vector.dtype} {list(vector.shape)}"
                 )
-            if not torch.isfinite(gains).all():
-                raise MaskBankError(f"persona {persona.name!r}: input gains contain NaN or infinity")
+            if not torch.isfinite(vector).all():
+                raise MaskBankError(f"persona {persona.name!r}: {label} contain NaN or infinity")
         try:
             json.dumps(persona.report)
         except TypeError as error:
@@ -265,10 +278,11 @@ class MaskBank:
 
 
     @staticmethod
-    def _check_gain_widths(personas: list[PersonaMask]) -> None:
-        widths = {p.name: p.input_gains.shape[1] for p in personas if p.input_gains is not None}
+    def _check_hidden_widths(personas: list[PersonaMask]) -> None:
+        widths = {f"{p.name} {HIDDEN_VECTORS[key][0]}": getattr(p, key).shape[1]
+                  for p in personas for key in HIDDEN_VECTORS if getattr(p, key) is not None}
         if len(set(widths.values())) > 1:
-            raise MaskBankError(f"personas' input gains disagree on d_model: {widths}")
+            raise MaskBankError(f"personas' input gains and output biases disagree on d_model: {widths}")
 
 
 def _checked_permutation(permutation: torch.Tensor, n_layers: int, d_ff: int) -> torch.Tensor:

@@ -16,10 +16,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from .bank import FORMAT_NAME, FORMAT_VERSION, MaskBank, MaskBankError, PersonaMask
+from .bank import FORMAT_NAME, FORMAT_VERSION, HIDDEN_VECTORS, MaskBank, MaskBankError, PersonaMask
 from .masks import bits_to_keep, channel_keep, ids_to_keep, keep_to_bits, num_words
 
 _REQUIRED = ("kept_groups", "kept_offsets", "bitmaps")
+_KNOWN = (*_REQUIRED, "scales", "scale_offsets", "permutation", *HIDDEN_VECTORS)
 
 
 def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -58,9 +59,10 @@ def bank_to_tensors(bank: MaskBank) -> tuple[dict[str, torch.Tensor], dict[str, 
     if has_scales:
         tensors["scales"] = torch.cat(scales) if scales else torch.zeros(0)
         tensors["scale_offsets"] = torch.tensor(scale_offsets, dtype=torch.int64)
-    gained = [p.input_gains.float() for p in bank.personas if p.input_gains is not None]
-    if gained:
-        tensors["input_gains"] = torch.stack(gained).contiguous()
+    for key in HIDDEN_VECTORS:
+        rows = [getattr(p, key).float() for p in bank.personas if getattr(p, key) is not None]
+        if rows:
+            tensors[key] = torch.stack(rows).contiguous()
     if bank.permutation is not None:
         tensors["permutation"] = bank.permutation.to(torch.int32).contiguous()
     table = [
@@ -72,6 +74,7 @@ def bank_to_tensors(bank: MaskBank) -> tuple[dict[str, torch.Tensor], dict[str, 
             "sparsity": round(p.sparsity, 6),
             "has_scales": p.scales is not None,
             "has_input_gains": p.input_gains is not None,
+            "has_output_bias": p.output_bias is not None,
             "report": p.report,
         }
         for index, p in enumerate(bank.personas)
@@ -152,6 +155,9 @@ def load_bank(path: str | Path) -> MaskBank:
     missing = [name for name in _REQUIRED if name not in tensors]
     if missing:
         raise MaskBankError(f"{where}: missing tensors {missing}")
+    unknown = sorted(name for name in tensors if name not in _KNOWN)
+    if unknown:
+        raise MaskBankError(f"{where}: unknown tensors {unknown} (written by a newer persona-kernels?)")
     n_layers, d_ff, group_size = (_int_field(metadata, k, path) for k in ("n_layers", "d_ff", "group_size"))
     if group_size < 1 or d_ff % group_size:
         raise MaskBankError(f"{where}: group size {group_size} does not divide d_ff {d_ff}")
@@ -162,7 +168,7 @@ def load_bank(path: str | Path) -> MaskBank:
     n_groups, n_personas = d_ff // group_size, len(table)
     keep = _decode_keep(tensors, n_personas, n_layers, n_groups, where)
     scales = _decode_scales(tensors, table, keep, group_size, d_ff, where)
-    gains = _decode_input_gains(tensors, table, n_layers, where)
+    vectors = {key: _decode_hidden_vectors(tensors, table, n_layers, key, where) for key in HIDDEN_VECTORS}
     personas = []
     for index, entry in enumerate(table):
         if entry.get("id") != index + 1:
@@ -175,7 +181,7 @@ def load_bank(path: str | Path) -> MaskBank:
                 method=entry.get("method", "unknown"),
                 scales=scales[index],
                 report=entry.get("report", {}),
-                input_gains=gains[index],
+                **{key: rows[index] for key, rows in vectors.items()},
             )
         )
     permutation = tensors.get("permutation")
@@ -254,22 +260,25 @@ def _decode_scales(
     return result
 
 
-def _decode_input_gains(tensors: dict[str, torch.Tensor], table: list[dict], n_layers: int, where: str) -> list[torch.Tensor | None]:
-    wanted = [bool(entry.get("has_input_gains")) for entry in table]
+def _decode_hidden_vectors(tensors: dict[str, torch.Tensor], table: list[dict], n_layers: int, key: str,
+                           where: str) -> list[torch.Tensor | None]:
+    """Per-persona ``[L, d_model]`` rows of the optional tensor ``key`` (``input_gains`` or ``output_bias``)."""
+    flag = f"has_{key}"
+    wanted = [bool(entry.get(flag)) for entry in table]
     if not any(wanted):
-        if "input_gains" in tensors:
-            raise MaskBankError(f"{where}: holds input_gains but no persona is marked has_input_gains")
+        if key in tensors:
+            raise MaskBankError(f"{where}: holds {key} but no persona is marked {flag}")
         return [None] * len(table)
-    if "input_gains" not in tensors:
-        raise MaskBankError(f"{where}: personas are marked has_input_gains but the input_gains tensor is missing")
-    stacked = tensors["input_gains"]
+    if key not in tensors:
+        raise MaskBankError(f"{where}: personas are marked {flag} but the {key} tensor is missing")
+    stacked = tensors[key]
     count = sum(wanted)
     if stacked.dtype != torch.float32 or stacked.dim() != 3 or tuple(stacked.shape[:2]) != (count, n_layers):
         raise MaskBankError(
-            f"{where}: input_gains must be float32 [{count}, {n_layers}, d_model] (one row per persona marked "
-            f"has_input_gains), got {stacked.dtype} {list(stacked.shape)}"
+            f"{where}: {key} must be float32 [{count}, {n_layers}, d_model] (one row per persona marked "
+            f"{flag}), got {stacked.dtype} {list(stacked.shape)}"
         )
     if not torch.isfinite(stacked).all():
-        raise MaskBankError(f"{where}: input_gains contain NaN or infinity")
+        raise MaskBankError(f"{where}: {key} contain NaN or infinity")
     rows = iter(stacked)
-    return [next(rows).clone() if flag else None for flag in wanted]
+    return [next(rows).clone() if flagged else None for flagged in wanted]

@@ -5,7 +5,9 @@ Backends live one per module in :mod:`persona_kernels.backends`; each exposes
 ``masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)``
 (arguments already validated). A backend that sets ``FUSES_INPUT_GAINS = True`` also takes
 ``input_gains=`` and applies them itself; for the others the dispatcher multiplies the tokens first
-(:func:`~persona_kernels.reference.apply_input_gains`). The dispatcher picks a backend by device, or
+(:func:`~persona_kernels.reference.apply_input_gains`); likewise ``FUSES_OUTPUT_BIAS`` and
+``output_bias=``, which the dispatcher otherwise adds after the backend
+(:func:`~persona_kernels.reference.apply_output_bias`). The dispatcher picks a backend by device, or
 takes ``backend=`` (or the ``PERSONA_KERNELS_BACKEND`` environment variable), and never falls back
 silently.
 """
@@ -20,7 +22,7 @@ from types import ModuleType
 import torch
 
 from .masks import num_words
-from .reference import ACTIVATIONS, apply_input_gains, masked_ffn_reference
+from .reference import ACTIVATIONS, apply_input_gains, apply_output_bias, masked_ffn_reference
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _MODULES = {
@@ -85,6 +87,7 @@ def check_masked_ffn_args(
     activation: str,
     check_ids: bool = True,
     input_gains: torch.Tensor | None = None,
+    output_bias: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the first argument that breaks the operation's contract."""
     if x.dim() != 2:
@@ -118,12 +121,13 @@ def check_masked_ffn_args(
     n_personas = keep_bits.shape[0]
     if scales is not None and (tuple(scales.shape) != (n_personas, d_ff) or scales.device != x.device):
         raise ValueError(f"scales must be [{n_personas}, {d_ff}] on {x.device}, got {tuple(scales.shape)} on {scales.device}")
-    if input_gains is not None and (tuple(input_gains.shape) != (n_personas, d) or input_gains.device != x.device
-                                    or not input_gains.is_floating_point()):
-        raise ValueError(
-            f"input_gains must be float [{n_personas}, {d}] on {x.device}, got {input_gains.dtype} "
-            f"{tuple(input_gains.shape)} on {input_gains.device}"
-        )
+    for name, table in (("input_gains", input_gains), ("output_bias", output_bias)):
+        if table is not None and (tuple(table.shape) != (n_personas, d) or table.device != x.device
+                                  or not table.is_floating_point()):
+            raise ValueError(
+                f"{name} must be float [{n_personas}, {d}] on {x.device}, got {table.dtype} "
+                f"{tuple(table.shape)} on {table.device}"
+            )
     if check_ids and T > 0 and not torch.compiler.is_compiling():
         lo, hi = int(persona_ids.min()), int(persona_ids.max())
         if lo < 0 or hi >= n_personas:
@@ -142,20 +146,25 @@ def _masked_ffn_op(
     activation: str,
     backend: str,
     input_gains: torch.Tensor | None = None,
+    output_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     module = backend_module(backend)
-    if input_gains is None:
-        return module.masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)
-    if getattr(module, "FUSES_INPUT_GAINS", False):
-        return module.masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation,
-                                 input_gains=input_gains)
-    x = apply_input_gains(x, input_gains, persona_ids)
-    return module.masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation)
+    fused = {}
+    if input_gains is not None:
+        if getattr(module, "FUSES_INPUT_GAINS", False):
+            fused["input_gains"] = input_gains
+        else:
+            x = apply_input_gains(x, input_gains, persona_ids)
+    bias_after = output_bias is not None and not getattr(module, "FUSES_OUTPUT_BIAS", False)
+    if output_bias is not None and not bias_after:
+        fused["output_bias"] = output_bias
+    y = module.masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, **fused)
+    return apply_output_bias(y, output_bias, persona_ids) if bias_after else y
 
 
 @_masked_ffn_op.register_fake
 def _masked_ffn_fake(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, backend,
-                     input_gains=None):
+                     input_gains=None, output_bias=None):
     return torch.empty_like(x)
 
 
@@ -172,6 +181,7 @@ def masked_ffn(
     backend: str | None = None,
     check_ids: bool = True,
     input_gains: torch.Tensor | None = None,
+    output_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked gated FFN over shared packed weights for a batch of mixed personas.
 
@@ -193,13 +203,18 @@ def masked_ffn(
         input_gains: optional ``[P, d]`` per-persona gains multiplying ``x`` first
             (:func:`~persona_kernels.reference.apply_input_gains`): fused into the token loads of
             the cpu and triton kernels, a separate elementwise pass before the cuda kernels.
+        output_bias: optional ``[P, d]`` per-persona bias added to the output
+            (:func:`~persona_kernels.reference.apply_output_bias`): fused into the cpu kernel's store,
+            a separate elementwise pass after the triton and cuda kernels.
 
     Returns:
         ``[T, d]`` output in ``x.dtype``; nothing is modified in place.
     """
-    check_masked_ffn_args(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, check_ids, input_gains)
+    check_masked_ffn_args(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, check_ids,
+                          input_gains, output_bias)
     name = resolve_backend(x.device, backend)
-    return _masked_ffn_op(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, name, input_gains)
+    return _masked_ffn_op(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, name, input_gains,
+                          output_bias)
 
 
 __all__ = ["masked_ffn", "masked_ffn_reference", "available_backends", "resolve_backend", "BACKENDS"]

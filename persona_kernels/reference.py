@@ -9,7 +9,10 @@ where ``keep`` is the per-persona group bitmap (``keep_bits``) and ``scale`` is 
 scales are given. The dense persona is simply a row whose bits are all set. Optional per-persona
 FFN input gains first replace ``x[t]`` by ``x[t] * gain[p(t)]``, rounded to ``x``'s dtype
 (:func:`apply_input_gains`); the cpu and triton kernels fuse this into their token loads; for
-the cuda backend the dispatcher applies it first.
+the cuda backend the dispatcher applies it first. An optional per-persona FFN output bias is added
+last, to the rounded output: ``y[t] + bias[p(t)]`` in float32, rounded to ``x``'s dtype
+(:func:`apply_output_bias`); the cpu kernel fuses it into its store, for the triton and cuda
+backends the dispatcher applies it after.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def apply_input_gains(x: torch.Tensor, input_gains: torch.Tensor, persona_ids: t
     return (x.float() * gains.float()).to(x.dtype)
 
 
+def apply_output_bias(y: torch.Tensor, output_bias: torch.Tensor, persona_ids: torch.Tensor) -> torch.Tensor:
+    """``y[t] + output_bias[persona_ids[t]]`` computed in float32 and rounded to ``y.dtype`` (``y [T, d]``, bias ``[P, d]``)."""
+    bias = output_bias.index_select(0, persona_ids.long())
+    return (y.float() + bias.float()).to(y.dtype)
+
+
 def masked_ffn_reference(
     x: torch.Tensor,
     gate_up: torch.Tensor,
@@ -48,6 +57,7 @@ def masked_ffn_reference(
     activation: str,
     upcast: bool = True,
     input_gains: torch.Tensor | None = None,
+    output_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked gated FFN for a batch of tokens of mixed personas.
 
@@ -63,6 +73,7 @@ def masked_ffn_reference(
         upcast: compute in float32 (the oracle); ``False`` computes in the input dtype with
             the intermediate rounded like a stock Hugging Face MLP, to measure rounding noise.
         input_gains: ``[P, d]`` float per-persona gains on the input, or ``None`` for all ones.
+        output_bias: ``[P, d]`` float per-persona bias added to the rounded output, or ``None``.
 
     Returns:
         ``[T, d]`` in ``x.dtype``.
@@ -80,4 +91,5 @@ def masked_ffn_reference(
     if scales is not None:
         channel_mask = channel_mask * scales.to(compute)
     hidden = hidden * channel_mask[persona_ids.long()]
-    return (hidden @ wd).to(x.dtype)
+    out = (hidden @ wd).to(x.dtype)
+    return out if output_bias is None else apply_output_bias(out, output_bias, persona_ids)

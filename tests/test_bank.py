@@ -22,7 +22,7 @@ D_MODEL = 24
 
 
 def make_bank(n_personas: int = 2, scales: bool = True, permutation: bool = False, seed: int = 0,
-              gains: bool = False) -> MaskBank:
+              gains: bool = False, bias: bool = False) -> MaskBank:
     gen = torch.Generator().manual_seed(seed)
     personas = []
     for index in range(n_personas):
@@ -37,6 +37,7 @@ def make_bank(n_personas: int = 2, scales: bool = True, permutation: bool = Fals
                 scales=torch.rand(N_LAYERS, D_FF, generator=gen) + 0.5 if scales and index % 2 == 0 else None,
                 report={"seed": seed, "index": index},
                 input_gains=torch.rand(N_LAYERS, D_MODEL, generator=gen) + 0.5 if gains and index % 2 == 1 else None,
+                output_bias=torch.randn(N_LAYERS, D_MODEL, generator=gen) if bias and index != 1 else None,
             )
         )
     perm = torch.stack([torch.randperm(D_FF, generator=gen) for _ in range(N_LAYERS)]) if permutation else None
@@ -53,22 +54,26 @@ def assert_banks_equal(a: MaskBank, b: MaskBank) -> None:
         if pa.scales is not None:
             kept = pa.keep.repeat_interleave(G, dim=1)
             assert torch.equal(pa.scales[kept], pb.scales[kept]), pa.name  # only kept channels are stored
-        assert (pa.input_gains is None) == (pb.input_gains is None), pa.name
-        if pa.input_gains is not None:
-            assert torch.equal(pa.input_gains, pb.input_gains), pa.name
+        for key in ("input_gains", "output_bias"):
+            va, vb = getattr(pa, key), getattr(pb, key)
+            assert (va is None) == (vb is None), (pa.name, key)
+            if va is not None:
+                assert torch.equal(va, vb), (pa.name, key)
     assert (a.permutation is None) == (b.permutation is None)
     if a.permutation is not None:
         assert torch.equal(a.permutation, b.permutation)
 
 
 @pytest.mark.parametrize(
-    "n_personas, scales, permutation, gains",
-    [(3, True, False, False), (2, False, False, False), (3, True, True, False), (0, False, False, False),
-     (0, False, True, False), (3, True, True, True), (2, False, False, True)],
-    ids=["scales", "no-scales", "permutation", "zero-personas", "zero-personas-permutation", "gains", "gains-only"],
+    "n_personas, scales, permutation, gains, bias",
+    [(3, True, False, False, False), (2, False, False, False, False), (3, True, True, False, False),
+     (0, False, False, False, False), (0, False, True, False, False), (3, True, True, True, False),
+     (2, False, False, True, False), (3, True, False, True, True), (2, False, False, False, True)],
+    ids=["scales", "no-scales", "permutation", "zero-personas", "zero-personas-permutation", "gains", "gains-only",
+         "gains-bias", "bias-only"],
 )
-def test_round_trip(tmp_path: Path, n_personas: int, scales: bool, permutation: bool, gains: bool) -> None:
-    bank = make_bank(n_personas, scales, permutation, gains=gains)
+def test_round_trip(tmp_path: Path, n_personas: int, scales: bool, permutation: bool, gains: bool, bias: bool) -> None:
+    bank = make_bank(n_personas, scales, permutation, gains=gains, bias=bias)
     path = tmp_path / "bank.safetensors"
     bank.save(path)
     loaded = MaskBank.load(path)
@@ -89,6 +94,14 @@ def test_round_trip(tmp_path: Path, n_personas: int, scales: bool, permutation: 
         assert torch.equal(gain_table[:, 0], torch.ones(N_LAYERS, D_MODEL))  # the dense row
         assert torch.equal(gain_table[:, 1], torch.ones(N_LAYERS, D_MODEL))  # persona 1 has no gains
         assert torch.equal(gain_table[:, 2], bank.personas[1].input_gains)
+    assert ("output bias" in loaded.summary()) == bias
+    bias_table = loaded.output_bias_table()
+    assert (bias_table is None) == (not bias)
+    if bias:
+        assert bias_table.shape == (N_LAYERS, n_personas + 1, D_MODEL)
+        assert torch.equal(bias_table[:, 0], torch.zeros(N_LAYERS, D_MODEL))  # the dense row
+        assert torch.equal(bias_table[:, 1], bank.personas[0].output_bias)
+        assert torch.equal(bias_table[:, 2], torch.zeros(N_LAYERS, D_MODEL))  # persona 1 has no bias
 
 
 def test_scales_table_dense_row_is_ones() -> None:
@@ -110,7 +123,7 @@ def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def tampered(tmp_path: Path, edit) -> Path:
-    tensors, metadata = bank_to_tensors(make_bank(2, scales=True, gains=True))
+    tensors, metadata = bank_to_tensors(make_bank(2, scales=True, gains=True, bias=True))
     tensors = {k: v.clone() for k, v in tensors.items()}
     edit(tensors, metadata)
     return write_raw(tmp_path / "bad.safetensors", tensors, metadata)
@@ -148,6 +161,12 @@ BAD_FILES = {
     "gains-nan": (lambda t, m: t["input_gains"].__setitem__((0, 0, 0), float("nan")), "input_gains contain NaN"),
     "gains-missing": (lambda t, m: t.pop("input_gains"), "input_gains tensor is missing"),
     "gains-unflagged": (_edit_table("has_input_gains", False), "no persona is marked has_input_gains"),
+    "bias-count": (lambda t, m: t.__setitem__("output_bias", t["output_bias"][:0]), "output_bias must be"),
+    "bias-width-missing": (lambda t, m: t.__setitem__("output_bias", t["output_bias"][:, :, 0]), "output_bias must be"),
+    "bias-inf": (lambda t, m: t["output_bias"].__setitem__((0, 1, 2), float("inf")), "output_bias contain NaN"),
+    "bias-missing": (lambda t, m: t.pop("output_bias"), "output_bias tensor is missing"),
+    "bias-unflagged": (_edit_table("has_output_bias", False, index=0), "no persona is marked has_output_bias"),
+    "unknown-tensor": (lambda t, m: t.__setitem__("output_gate", torch.zeros(2)), "unknown tensors"),
     "table-ids": (_edit_table("id", 5), "persona table ids"),
     "duplicate-names": (_edit_table("name", "persona-0"), "duplicate persona names"),
     "reserved-name": (_edit_table("name", "dense"), "reserved"),
@@ -224,7 +243,14 @@ def test_in_memory_checks() -> None:
     with pytest.raises(MaskBankError, match="disagree on d_model"):
         bank.add(PersonaMask("y", keep, input_gains=torch.ones(N_LAYERS, D_MODEL + 1)))
     bank.add(PersonaMask("x", keep, input_gains=torch.ones(N_LAYERS, D_MODEL + 1)))  # replacing the only one is fine
-    assert bank.gain_width == D_MODEL + 1
+    assert bank.hidden_width == D_MODEL + 1
+    with pytest.raises(MaskBankError, match="disagree on d_model"):
+        bank.add(PersonaMask("y", keep, output_bias=torch.zeros(N_LAYERS, D_MODEL)))
+    with pytest.raises(MaskBankError, match="output bias contain NaN"):
+        bank.add(PersonaMask("y", keep, output_bias=torch.full((N_LAYERS, D_MODEL + 1), float("nan"))))
+    with pytest.raises(MaskBankError, match="output bias must be"):
+        bank.add(PersonaMask("y", keep, output_bias=torch.zeros(N_LAYERS, D_MODEL + 1, dtype=torch.int64)))
+    bank.add(PersonaMask("y", keep, output_bias=torch.zeros(N_LAYERS, D_MODEL + 1)))
 
 
 # ---- atomic saves ----

@@ -64,8 +64,9 @@ MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 
 
 def random_bank(model, n_personas: int = 2, scales: bool = True, permutation: bool = True, seed: int = 1,
-                gains: bool = True) -> MaskBank:
-    """Personas with random masks of varying density per layer, random scales and input gains, and a random permutation."""
+                gains: bool = True, bias: bool = True) -> MaskBank:
+    """Personas with random masks of varying density per layer, random scales, input gains and output
+    biases (the last persona without a bias), and a random permutation."""
     n_layers, d_ff, d_model = model_ffn_shape(model)
     gen = torch.Generator().manual_seed(seed)
     personas = []
@@ -77,6 +78,7 @@ def random_bank(model, n_personas: int = 2, scales: bool = True, permutation: bo
             f"p{index + 1}", keep, description=f"persona {index + 1}", method="random",
             scales=torch.rand(n_layers, d_ff, generator=gen) + 0.5 if scales else None,
             input_gains=torch.rand(n_layers, d_model, generator=gen) + 0.5 if gains else None,
+            output_bias=torch.randn(n_layers, d_model, generator=gen) * 0.2 if bias and index < n_personas - 1 else None,
         ))
     perm = torch.stack([torch.randperm(d_ff, generator=gen) for _ in range(n_layers)]) if permutation else None
     return MaskBank("tiny", model_fingerprint(model), n_layers, d_ff, G, personas, permutation=perm)
@@ -107,11 +109,16 @@ def test_dense_persona_matches_original(kind: str) -> None:
     torch.testing.assert_close(logits(model, ids, persona="dense"), expected, atol=ATOL, rtol=1e-4)
 
 
-@pytest.mark.parametrize("gains", [True, False], ids=["gains", "no-gains"])
+@pytest.mark.parametrize("gains, bias", [(True, False), (False, False), (True, True)], ids=["gains", "no-gains", "gains-bias"])
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_persona_matches_exported_checkpoint(kind: str, gains: bool, tmp_path: Path) -> None:
+def test_persona_matches_exported_checkpoint(kind: str, gains: bool, bias: bool, tmp_path: Path) -> None:
     model = MODELS[kind]()
-    bank = random_bank(model, scales=True, permutation=True, gains=gains)
+    bank = random_bank(model, scales=True, permutation=True, gains=gains, bias=bias)
+    if bias and kind == "gemma3":  # its MLP has no bias option: refused before anything is written
+        with pytest.raises(ValueError, match="mlp_bias"):
+            export_pruned(model, bank, "p1", tmp_path / "p1")
+        assert not (tmp_path / "p1").exists()
+        return
     ids = tokens()
     dense = logits(model, ids)
     attach_bank(model, bank)
@@ -122,7 +129,8 @@ def test_persona_matches_exported_checkpoint(kind: str, gains: bool, tmp_path: P
     meta = json.loads((out / "persona_export.json").read_text())
     kept = bank.get("p1").keep.sum(1) * G
     assert meta["kept_channels_per_layer"] == kept.tolist()
-    assert meta["scales_folded"] and meta["input_gains_folded"] == gains
+    assert meta["scales_folded"] and meta["input_gains_folded"] == gains and meta["output_bias_folded"] == bias
+    assert getattr(exported.config, "mlp_bias", False) == bias
     assert exported.config.intermediate_size == int(kept.max()) < model_ffn_shape(model)[1]
     with persona(model, "p1"):
         attached = logits(model, ids)
@@ -245,7 +253,7 @@ def test_refuses_bank_of_other_model() -> None:
         attach_bank(deeper, random_bank(model))
     with pytest.raises(ModelMismatchError):
         export_pruned(deeper, random_bank(model), "p1", "/nonexistent/never-written")
-    wide_gains = random_bank(model, gains=False)
+    wide_gains = random_bank(model, gains=False, bias=False)
     n_layers, _, d_model = model_ffn_shape(model)
     wide_gains.personas[0].input_gains = torch.ones(n_layers, d_model + 8)
     with pytest.raises(ModelMismatchError, match="hidden size"):
@@ -335,7 +343,7 @@ def _expected_mlp(mlp, x: torch.Tensor, row_ids: list[int]) -> torch.Tensor:
     batch, seq, d = x.shape
     ids = torch.tensor(row_ids, dtype=torch.int32).repeat_interleave(seq)
     out = masked_ffn_reference(x.reshape(-1, d), mlp.gate_up, mlp.down_t, ids, mlp.keep_bits, mlp.scales,
-                               mlp.group_size, mlp.activation, input_gains=mlp.input_gains)
+                               mlp.group_size, mlp.activation, input_gains=mlp.input_gains, output_bias=mlp.output_bias)
     return out.view(batch, seq, d)
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import device_for, require_backend
 from persona_kernels.masks import keep_to_bits
 from persona_kernels.ops import BACKENDS, masked_ffn
-from persona_kernels.reference import apply_input_gains, masked_ffn_reference
+from persona_kernels.reference import apply_input_gains, apply_output_bias, masked_ffn_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -68,15 +68,18 @@ def check_against_reference(backend: str, inputs: dict, G: int, activation: str 
     out = masked_ffn(**inputs, group_size=G, activation=activation, backend=backend)
     args = (inputs["x"], inputs["gate_up"], inputs["down_t"], inputs["persona_ids"], inputs["keep_bits"],
             inputs["scales"], G, activation)
-    gains = inputs.get("input_gains")
-    oracle = masked_ffn_reference(*args, input_gains=gains).float()
-    plain = masked_ffn_reference(*args, upcast=False, input_gains=gains).float()
+    extras = dict(input_gains=inputs.get("input_gains"), output_bias=inputs.get("output_bias"))
+    oracle = masked_ffn_reference(*args, **extras).float()
+    plain = masked_ffn_reference(*args, upcast=False, **extras).float()
     x = inputs["x"]
     assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
     out = out.float()
     assert not torch.isnan(out).any(), "output contains NaN"
     empty_rows = inputs["persona_ids"] == EMPTY_ROW
-    assert torch.equal(out[empty_rows], torch.zeros_like(out[empty_rows])), "empty persona rows are not exactly zero"
+    empty_out = torch.zeros_like(x)
+    if extras["output_bias"] is not None:  # an empty persona's output is its bias alone
+        empty_out = apply_output_bias(empty_out, extras["output_bias"], inputs["persona_ids"])
+    assert torch.equal(out[empty_rows], empty_out.float()[empty_rows]), "empty persona rows are not exactly their bias"
     error = (out - oracle).abs().max().item() if out.numel() else 0.0
     noise = (plain - oracle).abs().max().item() if out.numel() else 0.0
     floor = FLOOR[x.dtype] * (1.0 + oracle.abs().max().item() if out.numel() else 1.0)
@@ -146,6 +149,38 @@ def test_input_gains_equal_prescaled_tokens(dtype):
     assert torch.equal(masked_ffn(**ones, group_size=16, backend="reference"), masked_ffn(**inputs, group_size=16, backend="reference"))
 
 
+def with_output_bias(inputs: dict, seed: int) -> dict:
+    """``inputs`` plus a random per-persona output bias, rows 0 and 3 left at zero (personas without one)."""
+    P, d = inputs["keep_bits"].shape[0], inputs["x"].shape[1]
+    bias = torch.randn(P, d, generator=torch.Generator().manual_seed(seed)) * 0.5
+    bias[0] = bias[3] = 0.0
+    return dict(inputs, output_bias=bias.to(inputs["x"].device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["empty", "mixed_scales"])
+@pytest.mark.parametrize("T", [1, 7, 37])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_output_bias(backend, dtype, T, case):
+    """Mixed personas with and without a bias (and with input gains) in one batch, against the reference."""
+    require_backend(backend)
+    inputs = make_inputs(T, 40, 96, 16, case, dtype, device_for(backend), _seed("bias", dtype, T, case))
+    check_against_reference(backend, with_output_bias(with_input_gains(inputs, T), T), 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_output_bias_is_added_last(dtype):
+    inputs = make_inputs(9, 40, 96, 16, "mixed_scales", dtype, torch.device("cpu"), _seed("bias last", dtype))
+    biased = with_output_bias(inputs, 5)
+    plain = masked_ffn(**inputs, group_size=16, backend="reference")
+    out = masked_ffn(**biased, group_size=16, backend="reference")
+    expected = (plain.float() + biased["output_bias"][inputs["persona_ids"]]).to(dtype)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, plain)
+    zeros = dict(inputs, output_bias=torch.zeros_like(biased["output_bias"]))
+    assert torch.equal(masked_ffn(**zeros, group_size=16, backend="reference"), plain)
+
+
 def _fused_runs(backend: str):
     """``(label, run)`` for each way ``backend`` can apply input gains itself; ``run(inputs, gains)``."""
     if backend == "cpu":
@@ -174,6 +209,22 @@ def test_fused_gains_equal_prescaled_tokens(backend, dtype):
         assert not torch.equal(fused, run(inputs, None)), label
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_fused_bias_equals_bias_added_after(dtype):
+    """The cpu kernel adds the bias as it stores, rounding exactly as the reference's separate pass does."""
+    require_backend("cpu")
+    from persona_kernels.backends import cpu_backend
+
+    inputs = with_output_bias(make_inputs(13, 40, 96, 16, "mixed_scales", dtype, torch.device("cpu"),
+                                          _seed("fused bias", dtype)), 7)
+    bias = inputs.pop("output_bias")
+    # one thread: with more, the order in which workers' partial sums meet varies between calls
+    fused = cpu_backend.masked_ffn(**inputs, group_size=16, activation="silu", output_bias=bias, num_threads=1)
+    plain = cpu_backend.masked_ffn(**inputs, group_size=16, activation="silu", num_threads=1)
+    assert torch.equal(fused, apply_output_bias(plain, bias, inputs["persona_ids"]))
+    assert not torch.equal(fused, plain)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     require_backend(backend)
@@ -196,12 +247,12 @@ def _cpu_ext():
 
 def _raw_call(_cpu, inputs: dict, out_tensor: torch.Tensor, G: int, **overrides):
     x, ids = inputs["x"], inputs["persona_ids"].to(torch.int32).contiguous()
-    scales, gains = inputs["scales"], inputs.get("input_gains")
+    scales, gains, bias = inputs["scales"], inputs.get("input_gains"), inputs.get("output_bias")
     args = dict(
         x=x.data_ptr(), gate_up=inputs["gate_up"].data_ptr(), down_t=inputs["down_t"].data_ptr(),
         persona_ids=ids.data_ptr(), keep_bits=inputs["keep_bits"].data_ptr(),
         scales=0 if scales is None else scales.data_ptr(), input_gains=0 if gains is None else gains.data_ptr(),
-        out=out_tensor.data_ptr(),
+        output_bias=0 if bias is None else bias.data_ptr(), out=out_tensor.data_ptr(),
         num_tokens=x.shape[0], d_model=x.shape[1], d_ff=inputs["gate_up"].shape[0],
         num_personas=inputs["keep_bits"].shape[0], group_size=G, activation="silu",
         dtype=_DTYPE_NAMES[x.dtype],
@@ -211,17 +262,19 @@ def _raw_call(_cpu, inputs: dict, out_tensor: torch.Tensor, G: int, **overrides)
     return ids  # keep the int32 copy alive until the caller is done
 
 
-@pytest.mark.parametrize("gains", [False, True], ids=["plain", "input_gains"])
+@pytest.mark.parametrize("extras", ["plain", "input_gains", "gains_bias"])
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 @pytest.mark.parametrize("T", [1, 7, 37])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_writes_every_output_element(dtype, T, isa, gains):
+def test_cpu_writes_every_output_element(dtype, T, isa, extras):
     _cpu = _cpu_ext()
     if not _cpu.isa_supported(isa):
         pytest.skip(f"isa {isa} not supported on this CPU or build")
     inputs = make_inputs(T, 33, 96, 16, "mixed_scales", dtype, torch.device("cpu"), _seed("nan", dtype, T))
-    if gains:
+    if extras != "plain":
         inputs = with_input_gains(inputs, T)
+    if extras == "gains_bias":
+        inputs = with_output_bias(inputs, T)
     out = torch.full_like(inputs["x"], float("nan"))
     _raw_call(_cpu, inputs, out, 16, isa=isa, num_threads=2)
     assert not torch.isnan(out).any(), f"{torch.isnan(out).sum().item()} output elements never written"
@@ -289,6 +342,9 @@ def _good_inputs():
         (lambda a: a.update(input_gains=torch.ones(a["keep_bits"].shape[0], 15)), "input_gains must be"),
         (lambda a: a.update(input_gains=torch.ones(2, 16)), "input_gains must be"),
         (lambda a: a.update(input_gains=torch.ones(a["keep_bits"].shape[0], 16, dtype=torch.int32)), "input_gains must be"),
+        (lambda a: a.update(output_bias=torch.zeros(a["keep_bits"].shape[0], 15)), "output_bias must be"),
+        (lambda a: a.update(output_bias=torch.zeros(2, 16)), "output_bias must be"),
+        (lambda a: a.update(output_bias=torch.zeros(a["keep_bits"].shape[0], 16, dtype=torch.int32)), "output_bias must be"),
     ],
 )
 def test_dispatcher_rejects_bad_arguments(mutate, message):

@@ -179,6 +179,8 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
         const int64_t stored = static_cast<int64_t>(i) * d + cpu::stored_index(j, d, p.dtype);
         float sum = acc_base[stored];
         for (int w = 1; w < workers; ++w) sum += acc_base[static_cast<int64_t>(w) * nt * d + stored];
+        if (p.output_bias != nullptr)  // the reference adds the bias to the rounded output
+          sum = round_to_dtype(sum, p.dtype) + p.output_bias[static_cast<int64_t>(personas[i]) * d + j];
         store_scalar(p.out, (t0 + i) * p.out_row_stride + j, sum, p.dtype);
       }
     }

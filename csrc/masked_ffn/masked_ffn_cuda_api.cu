@@ -29,6 +29,9 @@ CudaStatus check_params(const MaskedFFNParams& p, const MaskedFFNCudaConfig& con
   if (p.input_gains != nullptr)
     return invalid(error, "input_gains are not fused into the CUDA kernels; multiply x by them first "
                           "(persona_kernels.reference.apply_input_gains)");
+  if (p.output_bias != nullptr)
+    return invalid(error, "output_bias is not fused into the CUDA kernels; add it to the output afterwards "
+                          "(persona_kernels.reference.apply_output_bias)");
   if (path != CudaPath::kDecode && path != CudaPath::kPrefill)
     return invalid(error, "unknown path code " + std::to_string(static_cast<int>(path)));
   if (p.num_tokens < 0 || p.d_model < 0 || p.d_ff < 0 || p.num_personas < 0)

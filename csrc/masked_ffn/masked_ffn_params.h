@@ -4,7 +4,8 @@
 //
 //   x'[t]   = round_to_dtype(float(x[t]) * input_gains[p(t)])   (x'[t] = x[t] when input_gains is null)
 //   h[t, c] = act(gate_up[c, 0] . x'[t]) * (gate_up[c, 1] . x'[t])        c in [0, d_ff)
-//   out[t]  = sum_c keep[p(t), c / G] * scale[p(t), c] * h[t, c] * down_t[c]
+//   y[t]    = sum_c keep[p(t), c / G] * scale[p(t), c] * h[t, c] * down_t[c]
+//   out[t]  = y[t], or round_to_dtype(float(round_to_dtype(y[t])) + output_bias[p(t)]) with an output bias
 //
 // where p(t) = persona_ids[t], keep[p, g] = bit (g % 32) of keep_bits[p * num_words + g / 32],
 // and scale is 1 when `scales` is null. In the style of flash-attn's Flash_fwd_params: plain
@@ -37,6 +38,7 @@ struct MaskedFFNParams {
   const int32_t* keep_bits = nullptr;    // [num_personas, num_words] group bitmaps
   const float* scales = nullptr;         // [num_personas, d_ff] or null (all ones)
   const float* input_gains = nullptr;    // [num_personas, d_model] or null (all ones); CPU launcher only
+  const float* output_bias = nullptr;    // [num_personas, d_model] or null (all zeros); CPU launcher only
   // Output, fully overwritten (never read).
   void* out = nullptr;                   // [num_tokens, out_row_stride] of dtype
 

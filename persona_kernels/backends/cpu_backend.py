@@ -17,6 +17,7 @@ except ImportError as error:  # the extension was not built (no compiler at inst
     _IMPORT_ERROR = str(error)
 
 FUSES_INPUT_GAINS = True  # the kernel multiplies each token by its persona's gains as it loads it
+FUSES_OUTPUT_BIAS = True  # and adds its persona's output bias as it stores the result
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -45,13 +46,14 @@ def masked_ffn(
     activation: str,
     *,
     input_gains: torch.Tensor | None = None,
+    output_bias: torch.Tensor | None = None,
     num_threads: int = 0,
     isa: str = "auto",
 ) -> torch.Tensor:
     """Run the C++ kernel on CPU tensors (arguments already validated by the dispatcher).
 
     Semantics: :func:`persona_kernels.reference.masked_ffn_reference` (``input_gains [P, d]``
-    included, applied as the kernel loads each token). Returns a new ``[T, d]`` tensor in
+    included, applied as the kernel loads each token, and ``output_bias [P, d]``, added as it stores). Returns a new ``[T, d]`` tensor in
     ``x.dtype``. ``num_threads=0`` uses OpenMP's default (all cores); ``isa`` picks the inner loops
     (``"auto"``, ``"avx2"`` or ``"generic"``), for tests and benchmarks.
     """
@@ -62,6 +64,8 @@ def masked_ffn(
         tensors["scales"] = scales
     if input_gains is not None:
         tensors["input_gains"] = input_gains
+    if output_bias is not None:
+        tensors["output_bias"] = output_bias
     for name, tensor in tensors.items():
         if tensor.device.type != "cpu":
             raise ValueError(f"the cpu backend needs CPU tensors, got {name} on {tensor.device}")
@@ -72,11 +76,13 @@ def masked_ffn(
     bits = keep_bits.to(torch.int32).contiguous()
     scales_f32 = None if scales is None else scales.to(torch.float32).contiguous()
     gains_f32 = None if input_gains is None else input_gains.to(torch.float32).contiguous()
+    bias_f32 = None if output_bias is None else output_bias.to(torch.float32).contiguous()
     out = torch.empty_like(x)
     T, d = x.shape
     _cpu.masked_ffn(
         x.data_ptr(), gate_up.data_ptr(), down_t.data_ptr(), ids.data_ptr(), bits.data_ptr(),
         0 if scales_f32 is None else scales_f32.data_ptr(), 0 if gains_f32 is None else gains_f32.data_ptr(),
+        0 if bias_f32 is None else bias_f32.data_ptr(),
         out.data_ptr(),
         T, d, gate_up.shape[0], bits.shape[0], group_size, activation, _DTYPE_NAMES[x.dtype],
         num_threads, isa,

@@ -43,6 +43,7 @@ from ..bank import DENSE_PERSONA_ID, DENSE_PERSONA_NAME, MaskBank, MaskBankError
 from ..fingerprint import ffn_fingerprint
 from ..layout import PackedFFN, pack_ffn, unpack_ffn
 from ..ops import masked_ffn, resolve_backend
+from ..reference import apply_output_bias
 from ..step_meta import StepMeta
 
 _ATTR = "_persona_kernels_attachment"
@@ -240,8 +241,9 @@ class MaskedMLP(nn.Module):
 
     Parameters ``gate_up [d_ff, 2, d]`` and ``down_t [d_ff, d]`` are the layer's packed weights (in the
     bank's permuted channel order when it has a permutation); buffers ``keep_bits [P + 1, words]``,
-    ``scales [P + 1, d_ff]`` and ``input_gains [P + 1, d]`` (either may be ``None``) are this layer's
-    slice of the bank; ``persona_state`` is the model-wide :class:`PersonaState`.
+    ``scales [P + 1, d_ff]``, ``input_gains [P + 1, d]`` and ``output_bias [P + 1, d]`` (the last three
+    may be ``None``) are this layer's slice of the bank; ``persona_state`` is the model-wide
+    :class:`PersonaState`.
     """
 
     def __init__(
@@ -256,6 +258,7 @@ class MaskedMLP(nn.Module):
         original: nn.Module | None = None,
         layer_index: int = 0,
         input_gains: torch.Tensor | None = None,
+        output_bias: torch.Tensor | None = None,
     ):
         super().__init__()
         self.gate_up = nn.Parameter(packed.gate_up, requires_grad=False)
@@ -263,6 +266,7 @@ class MaskedMLP(nn.Module):
         self.register_buffer("keep_bits", keep_bits, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("input_gains", input_gains, persistent=False)
+        self.register_buffer("output_bias", output_bias, persistent=False)
         self.register_buffer("permutation", permutation, persistent=False)
         self.persona_state = state
         self.activation = packed.activation
@@ -303,11 +307,13 @@ class MaskedMLP(nn.Module):
                 group_size=self.group_size, activation=self.activation, meta=state.meta, layer=self.layer_index,
                 input_gains=self.input_gains,
             )
+            if self.output_bias is not None:
+                out = apply_output_bias(out, self.output_bias, ids)
         else:
             out = masked_ffn(
                 tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
                 group_size=self.group_size, activation=self.activation, backend=self.backend, check_ids=False,
-                input_gains=self.input_gains,
+                input_gains=self.input_gains, output_bias=self.output_bias,
             )
         return out.view(shape)
 
@@ -316,7 +322,7 @@ class MaskedMLP(nn.Module):
         return (
             f"d_model={d}, d_ff={d_ff}, group_size={self.group_size}, activation={self.activation}, "
             f"personas={self.keep_bits.shape[0]}, scales={self.scales is not None}, "
-            f"input_gains={self.input_gains is not None}, backend={self.backend}, "
+            f"input_gains={self.input_gains is not None}, output_bias={self.output_bias is not None}, backend={self.backend}, "
             f"layer_index={self.layer_index}"
         )
 
@@ -390,6 +396,7 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
     keep_bits = bank.keep_bits(device)  # [L, P + 1, words]
     scales = bank.scales_table(device)  # [L, P + 1, d_ff] or None
     gains = bank.input_gains_table(device)  # [L, P + 1, d_model] or None
+    biases = bank.output_bias_table(device)  # [L, P + 1, d_model] or None
     permutation = None if bank.permutation is None else bank.permutation.to(device)
     state = PersonaState(device, keep_bits=keep_bits, n_groups=bank.n_groups)
     for layer in layers:
@@ -415,6 +422,7 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
             original=mlp,
             layer_index=layer.index,
             input_gains=None if gains is None else gains[layer.index],
+            output_bias=None if biases is None else biases[layer.index],
         )
     info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend, lookup=_persona_lookup(bank))
     _configure_state(state, backend)

@@ -57,7 +57,10 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
     ``AutoModelForCausalLM.from_pretrained(out_dir)``. Per layer it keeps exactly the channels the
     persona keeps, with the bank's channel permutation undone (channels in original order), folds
     the persona's channel scales into the matching columns of ``down_proj`` and its FFN input gains
-    into the columns of ``gate_proj`` and ``up_proj`` (``W[:, j] * gain_j``, in fp32).
+    into the columns of ``gate_proj`` and ``up_proj`` (``W[:, j] * gain_j``, in fp32). A persona's FFN
+    output bias becomes ``down_proj.bias`` (the config's ``mlp_bias`` is set, so ``gate_proj`` and
+    ``up_proj`` get zero biases); architectures whose config has no ``mlp_bias`` (Gemma 3) cannot
+    hold it, and such an export is refused.
 
     Stock configs have one ``intermediate_size`` for all layers, so it is set to the largest per-layer
     kept count and layers that keep fewer channels are padded with all-zero ``gate_proj``/``up_proj``
@@ -86,6 +89,12 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
 
     bank_entry = None if persona_id == DENSE_PERSONA_ID else bank.personas[persona_id - 1]
     gains = None if bank_entry is None else bank_entry.input_gains
+    biases = None if bank_entry is None else bank_entry.output_bias
+    if biases is not None and not hasattr(_text_config(model.config), "mlp_bias"):
+        raise ValueError(
+            f"persona {bank_entry.name!r} has an FFN output bias, but {model_name(model)!r} "
+            f"({type(model.config).__name__}) has no mlp_bias option, so a stock checkpoint cannot hold it"
+        )
     sliced = []
     for layer, (w_gate, w_up, w_down) in enumerate(weights):
         channels, scales = persona_channels(bank, persona_id, layer)
@@ -112,11 +121,17 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
         state[f"{prefix}.gate_proj.weight"] = torch.cat((w_gate, w_gate.new_zeros(pad, w_gate.shape[1])))
         state[f"{prefix}.up_proj.weight"] = torch.cat((w_up, w_up.new_zeros(pad, w_up.shape[1])))
         state[f"{prefix}.down_proj.weight"] = torch.cat((w_down, w_down.new_zeros(w_down.shape[0], pad)), dim=1)
+        if biases is not None:
+            state[f"{prefix}.gate_proj.bias"] = w_gate.new_zeros(width)
+            state[f"{prefix}.up_proj.bias"] = w_up.new_zeros(width)
+            state[f"{prefix}.down_proj.bias"] = biases[layer.index].to(device=w_down.device, dtype=w_down.dtype)
 
     config = copy.deepcopy(model.config)
     text_config = _text_config(config)
     tied = bool(getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
     text_config.intermediate_size = width
+    if biases is not None:
+        text_config.mlp_bias = True
     if not getattr(config, "architectures", None):
         config.architectures = [type(model).__name__]
 
@@ -148,6 +163,7 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
         "zero_padded_channels_per_layer": [width - k for k in kept_counts],
         "scales_folded": bank_entry is not None and bank_entry.scales is not None,
         "input_gains_folded": gains is not None,
+        "output_bias_folded": biases is not None,
     }
 
     out_dir = Path(out_dir)
