@@ -66,7 +66,8 @@ def config_from_args(args) -> PrunerConfig:
         temperature=args.temperature, teacher_model=args.teacher_dir, teacher_endpoint=args.teacher_endpoint,
         teacher_endpoint_model=args.teacher_model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         kl_weight=args.kl_weight, scales=not args.no_scales, scale_steps=args.scale_steps, scale_lr=args.scale_lr,
-        scale_kl_weight=args.scale_kl_weight, input_gains=args.input_gains, gain_lr=args.gain_lr, seed=args.seed,
+        scale_kl_weight=args.scale_kl_weight, input_gains=args.input_gains, gain_lr=args.gain_lr,
+        output_bias=args.output_bias, bias_lr=args.bias_lr, seed=args.seed,
         cache_dir=args.cache_dir, progress=not args.quiet, baselines=baselines,
     )
     config.validate()

@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                           max_pool=args.max_pool, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           pool=args.pool, kl_weight=args.kl_weight, lr=args.lr, scale_lr=args.scale_lr,
                           scale_kl_weight=args.scale_kl_weight, input_gains=args.input_gains, gain_lr=args.gain_lr,
+                          output_bias=args.output_bias, bias_lr=args.bias_lr,
                           baselines=tuple(BASELINES) if args.baselines == "all" else tuple(b for b in args.baselines.split(",") if b and b != "none"),
                           progress=False, cache_dir=str(out / "cache"))
     pruner = Pruner(model, tokenizer, config)
@@ -121,11 +122,12 @@ def main(argv: list[str] | None = None) -> None:
             t1 = time.perf_counter()
             masks = pruner.prune(pid, description)
             prune_s = time.perf_counter() - t1
-            measured = [(f"persona-pruner{args.tag}", masks[0].keep, masks[0].scales, masks[0].input_gains),
-                        (f"persona-pruner{args.tag} (no scales)", masks[0].keep, None, None)]
-            measured += [(m.method, m.keep, None, None) for m in masks[1:]]
-            for method, keep, scales, gains in measured:
-                score = fidelity.measure(keep, config.group_size, scales, gains)
+            learned = masks[0]
+            measured = [(f"persona-pruner{args.tag}", learned.keep, learned.scales, learned.input_gains, learned.output_bias),
+                        (f"persona-pruner{args.tag} (no scales)", learned.keep, None, None, None)]
+            measured += [(m.method, m.keep, None, None, None) for m in masks[1:]]
+            for method, keep, scales, gains, bias in measured:
+                score = fidelity.measure(keep, config.group_size, scales, gains, bias)
                 result = {"persona": pid, "sparsity": sparsity, "method": method, **score}
                 results.append(result)
                 with open(results_path, "a") as stream:

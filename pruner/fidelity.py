@@ -51,9 +51,9 @@ class FidelityEval:
         return {"kl": float(kl.mean()), "top1": float(top1.mean()), "tokens": int(kl.numel())}
 
     def measure(self, keep: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
-                input_gains: torch.Tensor | None = None) -> dict[str, float]:
-        """Fidelity of a mask (with optional scales and FFN input gains) applied through the pruner's hooks."""
-        return self.compare(self._logits(fixed_mask(self.model, keep, group_size, scales, input_gains)))
+                input_gains: torch.Tensor | None = None, output_bias: torch.Tensor | None = None) -> dict[str, float]:
+        """Fidelity of a mask (with optional scales, FFN input gains and output bias) applied through the pruner's hooks."""
+        return self.compare(self._logits(fixed_mask(self.model, keep, group_size, scales, input_gains, output_bias)))
 
     def measure_attached(self, bank, persona: str) -> dict[str, float]:
         """Fidelity of ``persona`` from ``bank`` run through :func:`persona_kernels.hf.attach_bank` (the users' path)."""

@@ -1,7 +1,7 @@
 """Learning a persona's top-k channel-group mask (straight-through) and then its per-channel scales.
 
 Weights stay frozen; only ``scores [L, n_groups]`` (then ``scales [L, d_ff]``, optionally with FFN
-input gains ``[L, d_model]``) are trained, with Adam, on next-token cross-entropy over answer tokens
+input gains and an FFN output bias, each ``[L, d_model]``) are trained, with Adam, on next-token cross-entropy over answer tokens
 (optionally + KL to the dense model's logits).
 Batches follow a seeded per-epoch permutation that depends only on (seed, step), so a run resumed
 from a checkpoint (scores/scales, optimizer, step, loss curve; written atomically every N steps)
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from persona_kernels.hf.ffn import model_ffn_shape
 
 from .chat import Batch, answer_logits, encode_prefix, make_batch, token_loss
-from .masked_model import channel_multiplier, expand_groups, freeze, input_gain, ste_mask, topk_keep
+from .masked_model import channel_multiplier, expand_groups, freeze, input_gain, output_bias, ste_mask, topk_keep
 
 
 @dataclass
@@ -55,6 +55,16 @@ class LearnResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     resumed_at: int = 0
+
+
+@dataclass
+class Recovery:
+    """What :func:`learn_scales` learns for a persona: ``scales [L, d_ff]`` (1 on dropped channels) and,
+    when asked for, ``input_gains`` and ``output_bias`` (``[L, d_model]`` each, else ``None``)."""
+
+    scales: torch.Tensor
+    input_gains: torch.Tensor | None = None
+    output_bias: torch.Tensor | None = None
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -136,35 +146,45 @@ def learn_mask(model, data: TrainingData, init_scores: torch.Tensor, k: int, gro
 
 def learn_scales(model, data: TrainingData, keep: torch.Tensor, group_size: int, *, steps: int, lr: float, batch_size: int,
                  seed: int, kl_weight: float = 0.0, input_gains: bool = False, gain_lr: float = 0.01,
-                 checkpoint: Path | None = None, checkpoint_every: int = 10, progress: bool = True,
-                 stop_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, LearnResult]:
-    """Learn one scale per channel (init 1) with ``keep`` fixed, and with ``input_gains`` one gain per FFN input
-    dimension (init 1, learning rate ``gain_lr``) jointly; return ``(scales [L, d_ff], gains [L, d_model] or None,
-    result)``, scales 1 on dropped channels."""
+                 bias: bool = False, bias_lr: float = 0.005, checkpoint: Path | None = None, checkpoint_every: int = 10,
+                 progress: bool = True, stop_after: int | None = None) -> tuple[Recovery, LearnResult]:
+    """Learn one scale per channel (init 1) with ``keep`` fixed and, jointly, with ``input_gains`` one gain per
+    FFN input dimension (init 1, step ``gain_lr``) and with ``bias`` one FFN output bias per hidden dimension
+    (init 0, step ``bias_lr``), per layer; return the :class:`Recovery` and the loss curve."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     channel = expand_groups(keep.float(), group_size)
     d_ff = channel.shape[1]
-    d_model = model_ffn_shape(model)[2] if input_gains else 0
-    # Gains ride in the same tensor as the scales: gain = 1 + (p - 1) * gain_lr / lr makes Adam's
-    # step on them gain_lr (Adam is invariant to the gradient's scale), with one optimizer and checkpoint.
-    stretch = gain_lr / lr
+    d_model = model_ffn_shape(model)[2]
+    # Gains and bias ride in the same tensor as the scales (init 1): value = base + (p - 1) * extra_lr / lr
+    # makes Adam's step on them extra_lr (Adam is invariant to the gradient's scale), with one optimizer
+    # and checkpoint.
+    extras = [(name, base, extra_lr) for name, wanted, base, extra_lr in
+              (("input_gains", input_gains, 1.0, gain_lr), ("output_bias", bias, 0.0, bias_lr)) if wanted]
 
-    def split(parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return channel * parameter[:, :d_ff], 1 + (parameter[:, d_ff:] - 1) * stretch
+    def split(parameter: torch.Tensor) -> Recovery:
+        parts = {}
+        for index, (name, base, extra_lr) in enumerate(extras):
+            block = parameter[:, d_ff + index * d_model : d_ff + (index + 1) * d_model]
+            parts[name] = base + (block - 1) * (extra_lr / lr)
+        return Recovery(channel * parameter[:, :d_ff], **parts)
 
     @contextlib.contextmanager
     def apply(parameter: torch.Tensor) -> Iterator[None]:
-        gains = input_gain(model, lambda: split(parameter)[1].to(device)) if input_gains else contextlib.nullcontext()
-        with channel_multiplier(model, lambda: split(parameter)[0].to(device)), gains:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(channel_multiplier(model, lambda: split(parameter).scales.to(device)))
+            if input_gains:
+                stack.enter_context(input_gain(model, lambda: split(parameter).input_gains.to(device)))
+            if bias:
+                stack.enter_context(output_bias(model, lambda: split(parameter).output_bias.to(device)))
             yield
 
-    start = torch.ones(channel.shape[0], d_ff + d_model)
+    start = torch.ones(channel.shape[0], d_ff + len(extras) * d_model)
     result = _optimize(model, data, start, apply, steps, lr, kl_weight, batch_size, seed + 1,
                        checkpoint, checkpoint_every, "scale learning", progress, stop_after)
-    scales = torch.where(channel.bool(), result.value[:, :d_ff], torch.ones_like(channel))
-    gains = split(result.value)[1] if input_gains else None
-    return scales, gains, result
+    learned = split(result.value.detach())
+    learned.scales = torch.where(channel.bool(), result.value[:, :d_ff], torch.ones_like(channel))
+    return learned, result
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from .chat import answer_ids, split_prompts, system_prompt
 from .config import PrunerConfig, check_model, validate_description, validate_name
 from .data import JsonlCache, load_pool, reference_personas, text_hash
 from .importance import ChannelStats, activation_importance, collect_stats, scores_from_importance
-from .learn import TrainingData, learn_mask, learn_scales
+from .learn import Recovery, TrainingData, learn_mask, learn_scales
 from .masked_model import freeze, keep_count
 from .sensitivity import reference_signatures, select_sensitive, sensitivity, signatures
 from .teacher import EndpointTeacher, LocalTeacher, cached_answers
@@ -122,11 +122,13 @@ class Pruner:
     def _checkpoint(self, persona_key: str, method: str) -> Path:
         c = self.config
         # the step count is not part of the key: a rerun with more (or fewer) steps continues from the checkpoint
-        recovery = method in ("scales", "scales+gains")
+        recovery = method.startswith("scales")
         kl_weight = 0.0 if method == "generic-learned" else c.scale_kl_weight if recovery else c.kl_weight  # generic: no teacher
         lr = c.scale_lr if recovery else c.lr  # a new scale lr must not discard the mask's checkpoint
-        if method == "scales+gains":
+        if "+gains" in method:
             lr = f"{lr}|{c.gain_lr}"
+        if "+bias" in method:
+            lr = f"{lr}|bias {c.bias_lr}"
         settings = f"{method}|{c.sparsity}|{c.group_size}|{lr}|{c.batch_size}|{c.ste}|{kl_weight}|{c.seed}|{c.n_train}|{c.max_new_tokens}|{self.teacher.identity}"
         return self.cache_dir / "checkpoints" / f"{persona_key}_{text_hash(settings)}.pt"
 
@@ -174,17 +176,19 @@ class Pruner:
                                   progress=c.progress)
         report = dict(report)
         report.update(learn_s=round(result.seconds, 2), resumed_at_step=result.resumed_at, loss_curve=_subsample_curve(result.curve))
-        scales = gains = None
+        recovery = Recovery(scales=None)
         if c.scales and c.scale_steps > 0:
-            scales, gains, scale_result = learn_scales(
+            method = "scales" + ("+gains" if c.input_gains else "") + ("+bias" if c.output_bias else "")
+            recovery, scale_result = learn_scales(
                 self.model, data, keep, c.group_size, steps=c.scale_steps, lr=c.scale_lr, batch_size=c.batch_size,
                 seed=c.seed, kl_weight=c.scale_kl_weight, input_gains=c.input_gains, gain_lr=c.gain_lr,
-                checkpoint=self._checkpoint(persona_key, "scales+gains" if c.input_gains else "scales"),
+                bias=c.output_bias, bias_lr=c.bias_lr, checkpoint=self._checkpoint(persona_key, method),
                 checkpoint_every=c.checkpoint_every, progress=c.progress)
             report.update(scales_s=round(scale_result.seconds, 2), scale_loss_curve=_subsample_curve(scale_result.curve))
         report.update(total_s=round(time.perf_counter() - began, 2), sparsity=c.sparsity, group_size=c.group_size,
                       config=c.to_dict())
-        masks = [PersonaMask(name, keep, description, "persona-pruner", scales, report, input_gains=gains)]
+        masks = [PersonaMask(name, keep, description, "persona-pruner", recovery.scales, report,
+                             input_gains=recovery.input_gains, output_bias=recovery.output_bias)]
         masks += [self.baseline(name, description, method, data) for method in c.baselines]
         return masks
 

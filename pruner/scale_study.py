@@ -6,7 +6,7 @@
 For each persona of the bank (its ``persona-pruner`` entry, mask kept as learned), scales are
 learned with :func:`pruner.learn.learn_scales` on that persona's calibration data (CE + KL to the
 dense persona; by default 160 sequences, 60 steps, KL weight 10; ``--input-gains`` learns FFN input
-gains with them), then the judge-free fidelity of the mask alone and of the mask with scales is measured on the held-out ``eval/<persona>.jsonl``
+gains and ``--output-bias`` an FFN output bias with them), then the judge-free fidelity of the mask alone and of the mask with scales is measured on the held-out ``eval/<persona>.jsonl``
 questions (as in :mod:`pruner.experiment`).
 Rows go to ``scales.jsonl`` and ``scales.md``, both rewritten after each persona.
 """
@@ -49,13 +49,15 @@ def write_table(rows: list[dict], path: Path) -> None:
 def _recipe(args: argparse.Namespace) -> dict:
     """This run's scale recipe, keyed as in ``scales.jsonl`` rows (and, via :func:`_report_keys`, bank reports)."""
     recipe = {"scale_steps": args.scale_steps, "scale_lr": args.scale_lr, "scale_kl_weight": args.scale_kl_weight,
-              "n_train": args.n_train, "input_gains": args.input_gains}
+              "n_train": args.n_train, "input_gains": args.input_gains, "output_bias": args.output_bias}
     if args.input_gains:
         recipe["gain_lr"] = args.gain_lr
+    if args.output_bias:
+        recipe["bias_lr"] = args.bias_lr
     return recipe
 
 
-_UNRECORDED = {"input_gains": False, "scale_n_train": None}
+_UNRECORDED = {"input_gains": False, "output_bias": False, "scale_n_train": None}
 """What rows and reports written before a key was recorded meant by its absence (``None``: whatever is asked)."""
 
 
@@ -151,21 +153,23 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
         rows = [r for r in rows if r not in measured]  # relearned: its bank entry was missing, its row is replaced
         data, data_report = pruner.persona_data(description)
         began = time.perf_counter()
-        scales, gains, result = learn_scales(model, data, mask.keep, bank.group_size, steps=args.scale_steps,
-                                             lr=args.scale_lr, batch_size=args.batch_size, seed=config.seed,
-                                             kl_weight=args.scale_kl_weight, input_gains=args.input_gains,
-                                             gain_lr=args.gain_lr, progress=False)
+        recovery, result = learn_scales(model, data, mask.keep, bank.group_size, steps=args.scale_steps,
+                                        lr=args.scale_lr, batch_size=args.batch_size, seed=config.seed,
+                                        kl_weight=args.scale_kl_weight, input_gains=args.input_gains,
+                                        gain_lr=args.gain_lr, bias=args.output_bias, bias_lr=args.bias_lr, progress=False)
         learn_s = time.perf_counter() - began
+        scales, gains, bias = recovery.scales, recovery.input_gains, recovery.output_bias
         kept_scales = scales[expand_groups(mask.keep, bank.group_size)]
         fidelity = persona_fidelity(model, tokenizer, pid, description, args, eval_cache, pruner.fingerprint)
         alone = fidelity.measure(mask.keep, bank.group_size)
-        scaled = fidelity.measure(mask.keep, bank.group_size, scales, gains)
+        scaled = fidelity.measure(mask.keep, bank.group_size, scales, gains, bias)
         result_row = {"persona": pid, "sparsity": sparsity, "kl_mask": alone["kl"], "top1_mask": alone["top1"],
                       "kl_scaled": scaled["kl"], "top1_scaled": scaled["top1"], "reduction": 1 - scaled["kl"] / alone["kl"],
                       "eval_tokens": alone["tokens"], "train_sequences": data_report["train_sequences"],
                       "answer_tokens": data_report["answer_tokens"], **recipe, "scales_s": round(learn_s, 1),
                       "scale_range": [round(float(kept_scales.min()), 3), round(float(kept_scales.max()), 3)],
                       **({} if gains is None else {"gain_range": [round(float(gains.min()), 3), round(float(gains.max()), 3)]}),
+                      **({} if bias is None else {"bias_range": [round(float(bias.min()), 3), round(float(bias.max()), 3)]}),
                       "loss_first_last": [round(result.curve[0][1], 3), round(result.curve[-1][1], 3)] if result.curve else []}
         rows.append(result_row)
         _write_rows(rows, results_path)
@@ -173,7 +177,7 @@ def study(model, tokenizer, args: argparse.Namespace) -> list[dict]:
         if args.bank_out:
             report = dict(mask.report, scales_s=result_row["scales_s"], scale_train_sequences=result_row["train_sequences"],
                           **_report_keys(recipe))
-            bank.add(replace(mask, scales=scales, input_gains=gains, report=report))
+            bank.add(replace(mask, scales=scales, input_gains=gains, output_bias=bias, report=report))
             bank.save(args.bank_out)
         print(f"{pid} s={sparsity}: KL {alone['kl']:.3f} -> {scaled['kl']:.3f} ({100 * result_row['reduction']:.1f}%)", flush=True)
     return rows

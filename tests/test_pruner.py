@@ -105,29 +105,39 @@ def test_learned_mask_reduces_training_loss(model, tokenizer):
     assert torch.equal(keep.sum(1), torch.full((LAYERS,), k))
     assert mean_loss(model, data, keep, GROUP) < mean_loss(model, data, topk_keep(init, k), GROUP)
     assert all(not p.requires_grad for p in model.parameters())
-    scales, gains, _ = learn_scales(model, data, keep, GROUP, steps=5, lr=0.05, batch_size=4, seed=0, progress=False)
-    assert scales.shape == (LAYERS, D_FF) and gains is None
+    recovery, _ = learn_scales(model, data, keep, GROUP, steps=5, lr=0.05, batch_size=4, seed=0, progress=False)
+    scales = recovery.scales
+    assert scales.shape == (LAYERS, D_FF) and recovery.input_gains is None and recovery.output_bias is None
     assert torch.all(scales[~keep.repeat_interleave(GROUP, 1)] == 1)
 
 
-def test_input_gains_learned_jointly_with_their_own_step(model, tokenizer, tmp_path):
+@pytest.mark.parametrize("gains, bias", [(True, False), (False, True), (True, True)], ids=["gains", "bias", "gains-bias"])
+def test_gains_and_bias_learned_jointly_with_their_own_steps(model, tokenizer, tmp_path, gains, bias):
     data = training_data(tokenizer)
     keep = topk_keep(init_scores(model, data), keep_count(D_FF // GROUP, 0.5))
-    kwargs = dict(lr=0.05, batch_size=4, seed=0, kl_weight=1.0, input_gains=True, gain_lr=0.01, progress=False)
-    scales, gains, _ = learn_scales(model, data, keep, GROUP, steps=1, **kwargs)
+    kwargs = dict(lr=0.05, batch_size=4, seed=0, kl_weight=1.0, input_gains=gains, gain_lr=0.01, bias=bias, bias_lr=0.002,
+                  progress=False)
+    one, _ = learn_scales(model, data, keep, GROUP, steps=1, **kwargs)
     hidden = model.config.hidden_size
-    assert gains.shape == (LAYERS, hidden) and torch.isfinite(gains).all()
-    # Adam's first step moves every parameter by its learning rate (up to eps): 0.05 for scales, 0.01 for gains
+    assert (one.input_gains is not None) == gains and (one.output_bias is not None) == bias
+    # Adam's first step moves every parameter by its learning rate (up to eps): 0.05 for scales, 0.01 for
+    # gains (from 1), 0.002 for the bias (from 0)
     kept = keep.repeat_interleave(GROUP, 1)
-    moved = (scales[kept] - 1).abs()
-    assert float(moved.max()) == pytest.approx(0.05, rel=1e-3) and float((gains - 1).abs().max()) == pytest.approx(0.01, rel=1e-3)
-    full, full_gains, first = learn_scales(model, data, keep, GROUP, steps=6, **kwargs)
-    ckpt = tmp_path / "gains.pt"
+    assert float((one.scales[kept] - 1).abs().max()) == pytest.approx(0.05, rel=1e-3)
+    if gains:
+        assert one.input_gains.shape == (LAYERS, hidden) and torch.isfinite(one.input_gains).all()
+        assert float((one.input_gains - 1).abs().max()) == pytest.approx(0.01, rel=1e-3)
+    if bias:
+        assert one.output_bias.shape == (LAYERS, hidden) and torch.isfinite(one.output_bias).all()
+        assert float(one.output_bias.abs().max()) == pytest.approx(0.002, rel=1e-3)
+    full, first = learn_scales(model, data, keep, GROUP, steps=6, **kwargs)
+    ckpt = tmp_path / "recovery.pt"
     learn_scales(model, data, keep, GROUP, steps=6, checkpoint=ckpt, checkpoint_every=2, stop_after=3, **kwargs)
-    resumed, resumed_gains, again = learn_scales(model, data, keep, GROUP, steps=6, checkpoint=ckpt, checkpoint_every=2, **kwargs)
+    resumed, again = learn_scales(model, data, keep, GROUP, steps=6, checkpoint=ckpt, checkpoint_every=2, **kwargs)
     assert again.resumed_at == 2
-    torch.testing.assert_close(resumed, full)
-    torch.testing.assert_close(resumed_gains, full_gains)
+    for name in ("scales", "input_gains", "output_bias"):
+        if getattr(full, name) is not None:
+            torch.testing.assert_close(getattr(resumed, name), getattr(full, name))
     assert first.curve[-1][1] < first.curve[0][1]
 
 
@@ -182,6 +192,10 @@ def test_bad_inputs_raise_before_work(model, tokenizer, tmp_path, monkeypatch):
         prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, input_gains=True, gain_lr=0.0))
     with pytest.raises(PrunerInputError, match="input gains are learned together with the scales"):
         prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, input_gains=True, scales=False))
+    with pytest.raises(PrunerInputError, match="bias_lr must be positive"):
+        prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, output_bias=True, bias_lr=-1.0))
+    with pytest.raises(PrunerInputError, match="output bias is learned together with the scales"):
+        prune_persona(model, tokenizer, "p", DESCRIPTION, small_config(tmp_path, output_bias=True, scales=False))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128))
@@ -223,17 +237,22 @@ def test_bank_holds_persona_with_method_and_report(model, tokenizer, tmp_path):
     assert MaskBank.load(path).names == ["keeper", "keeper@random", "keeper@wanda"]
 
 
-def test_pruner_learns_input_gains_into_the_bank(model, tokenizer, tmp_path):
-    pruner = Pruner(model, tokenizer, small_config(tmp_path, input_gains=True, scale_steps=3))
+def test_pruner_learns_input_gains_and_bias_into_the_bank(model, tokenizer, tmp_path):
+    pruner = Pruner(model, tokenizer, small_config(tmp_path, input_gains=True, output_bias=True, scale_steps=3))
     masks = pruner.prune("keeper", DESCRIPTION)
     path = tmp_path / "bank.safetensors"
     pruner.add_to_bank(path, masks)
     entry = MaskBank.load(path).get("keeper")
     assert entry.input_gains is not None and entry.input_gains.shape == (LAYERS, model.config.hidden_size)
     assert not torch.allclose(entry.input_gains, torch.ones_like(entry.input_gains))
-    assert entry.report["config"]["input_gains"] and entry.scales is not None
+    assert entry.output_bias is not None and entry.output_bias.shape == (LAYERS, model.config.hidden_size)
+    assert not torch.allclose(entry.output_bias, torch.zeros_like(entry.output_bias))
+    assert entry.report["config"]["input_gains"] and entry.report["config"]["output_bias"] and entry.scales is not None
     plain = Pruner(model, tokenizer, small_config(tmp_path, scale_steps=3)).prune("keeper", DESCRIPTION)[0]
-    assert plain.input_gains is None and torch.equal(plain.keep, entry.keep)  # same mask, separate scale checkpoint
+    assert plain.input_gains is None and plain.output_bias is None
+    assert torch.equal(plain.keep, entry.keep)  # same mask, separate scale checkpoint
+    gains_only = Pruner(model, tokenizer, small_config(tmp_path, input_gains=True, scale_steps=3)).prune("keeper", DESCRIPTION)[0]
+    assert gains_only.output_bias is None  # not resumed from the gains+bias checkpoint
 
 
 def test_fidelity_dense_is_exact_and_random_is_not(model, tokenizer):
@@ -256,15 +275,18 @@ def test_fidelity_attached_bank_agrees_with_hooks(tokenizer):
     from persona_kernels.bank import PersonaMask
 
     gains = 1 + 0.2 * torch.randn(LAYERS, model.config.hidden_size)
+    bias = 0.1 * torch.randn(LAYERS, model.config.hidden_size)
     bank = MaskBank("tiny", model_fingerprint(model), LAYERS, D_FF, GROUP, [
-        PersonaMask("p", keep, "d", "random", scales), PersonaMask("g", keep, "d", "random", scales, input_gains=gains)])
+        PersonaMask("p", keep, "d", "random", scales), PersonaMask("g", keep, "d", "random", scales, input_gains=gains),
+        PersonaMask("b", keep, "d", "random", scales, input_gains=gains, output_bias=bias)])
     fidelity = FidelityEval(model, tokenizer, DESCRIPTION, ["who are you?", "a long question about storms?"], max_new_tokens=5)
-    for name, persona_gains in (("p", None), ("g", gains)):
-        hooked = fidelity.measure(keep, GROUP, scales, persona_gains)
+    for name, persona_gains, persona_bias in (("p", None, None), ("g", gains, None), ("b", gains, bias)):
+        hooked = fidelity.measure(keep, GROUP, scales, persona_gains, persona_bias)
         attached = fidelity.measure_attached(bank, name)
         assert hooked["kl"] > 1e-7
         assert abs(hooked["kl"] - attached["kl"]) < 1e-3 * hooked["kl"] + 1e-9 and hooked["top1"] == attached["top1"]
     assert abs(fidelity.measure(keep, GROUP, scales)["kl"] - fidelity.measure(keep, GROUP, scales, gains)["kl"]) > 1e-6
+    assert abs(fidelity.measure(keep, GROUP, scales, gains)["kl"] - fidelity.measure(keep, GROUP, scales, gains, bias)["kl"]) > 1e-6
 
 
 def test_generation_with_shared_prefix_matches_plain_generate(model, tokenizer):

@@ -44,7 +44,7 @@ keep, _ = learn_mask(model, data, init, k, G, steps=a.steps, lr=0.05, batch_size
 log("mask", fidelity.measure(keep, G)["kl"])
 log("mask_s", time.time() - began)
 began = time.time()
-scales, _, _ = learn_scales(model, data, keep, G, steps=a.steps, lr=0.05, batch_size=4, seed=0, kl_weight=10.0, progress=False)
+scales = learn_scales(model, data, keep, G, steps=a.steps, lr=0.05, batch_size=4, seed=0, kl_weight=10.0, progress=False)[0].scales
 log("mask_then_scales", fidelity.measure(keep, G, scales)["kl"])
 log("scales_s", time.time() - began)
 
