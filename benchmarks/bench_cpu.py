@@ -13,7 +13,9 @@ after warm-up, with torch and the kernel both using every core:
 - ``cpu+scales+gains`` (with ``--input-gains``, implies ``--scales``): scales plus the persona's FFN
   input gains, fused into the kernel's token load; and ``cpu+scales+gains pass``: the same with the
   gains applied to the tokens first by :func:`persona_kernels.reference.apply_input_gains` (what
-  the backends that do not fuse them pay).
+  the backends that do not fuse them pay);
+- ``cpu+scales+gains+bias`` (with ``--output-bias``, implies ``--input-gains``): the same plus the
+  persona's FFN output bias, fused into the kernel's store.
 
 Every token of a batch belongs to the same persona (the oracle's best case). Writes a JSON file
 and a markdown table under ``benchmarks/out/`` and a plot under ``benchmarks/plots/``.
@@ -22,6 +24,7 @@ and a markdown table under ``benchmarks/out/`` and a plot under ``benchmarks/plo
     python benchmarks/bench_cpu.py --shapes smollm2-135m --reps 5    # quick
     python benchmarks/bench_cpu.py --scales --batches 1 16         # + the cost of per-channel scales
     python benchmarks/bench_cpu.py --input-gains --batches 1 16    # + scales and input gains
+    python benchmarks/bench_cpu.py --output-bias --batches 1 16    # + scales, input gains and output bias
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
             scales = (0.5 + torch.rand(1, d_ff, generator=gen)).to(dtype)
             o_down_scaled = (o_down.float() * scales[0, kept].float()).to(dtype)
             gains = 0.5 + torch.rand(1, d, generator=gen)
+            bias = 0.1 * torch.randn(1, d, generator=gen)
             for batch in args.batches:
                 x = torch.randn(batch, d, generator=gen).to(dtype)
                 ids = torch.zeros(batch, dtype=torch.int32)
@@ -146,6 +150,12 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                     gained_oracle = ffn((x.float() * gains).to(dtype), o_gate, o_up, o_down_scaled, "silu")
                     for name in ("cpu+scales+gains", "cpu+scales+gains pass"):
                         check_close(fns[name](), gained_oracle, f"{name} ({shape} {dtype_name} G={G})")
+                if args.output_bias:
+                    fns["cpu+scales+gains+bias"] = lambda: cpu_backend.masked_ffn(
+                        x, gate_up, down_t, ids, bits, scales, G, "silu", input_gains=gains, output_bias=bias,
+                        num_threads=args.kernel_threads)
+                    check_close(fns["cpu+scales+gains+bias"](), (gained_oracle.float() + bias[0]).to(dtype),
+                                f"cpu+scales+gains+bias ({shape} {dtype_name} G={G})")
                 times = time_side_by_side(fns, reps=reps, warmup=2)
                 record = dict(
                     shape=shape, d=d, d_ff=d_ff, dtype=dtype_name, G=G, density=density, batch=batch,
@@ -161,6 +171,9 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                                   gains_overhead=times["cpu+scales+gains"] / times["cpu"] - 1,
                                   cpu_gains_pass_ms=times["cpu+scales+gains pass"] * 1e3,
                                   gains_pass_overhead=times["cpu+scales+gains pass"] / times["cpu"] - 1)
+                if args.output_bias:
+                    record.update(cpu_bias_ms=times["cpu+scales+gains+bias"] * 1e3,
+                                  bias_overhead=times["cpu+scales+gains+bias"] / times["cpu"] - 1)
                 records.append(record)
                 print(
                     f"{shape:13s} {dtype_name:4s} G={G:<3d} density={density:.2f} batch={batch:<3d} "
@@ -170,7 +183,9 @@ def bench_shape(shape: str, dtype_name: str, args: argparse.Namespace, records: 
                     + (f"  +scales {record['cpu_scales_ms']:9.3f} ms ({100 * record['scales_overhead']:+.1f}%)" if args.scales else "")
                     + (f"  +gains {record['cpu_gains_ms']:9.3f} ms ({100 * record['gains_overhead']:+.1f}%)"
                        f"  +gains pass {record['cpu_gains_pass_ms']:9.3f} ms ({100 * record['gains_pass_overhead']:+.1f}%)"
-                       if args.input_gains else ""),
+                       if args.input_gains else "")
+                    + (f"  +bias {record['cpu_bias_ms']:9.3f} ms ({100 * record['bias_overhead']:+.1f}%)"
+                       if args.output_bias else ""),
                     flush=True,
                 )
 
@@ -179,10 +194,14 @@ def markdown_table(records: list[dict]) -> str:
     """One row per config: times in ms and the two ratios (above 1 means the kernel is faster)."""
     scaled = any("cpu_scales_ms" in r for r in records)
     gained = any("cpu_gains_ms" in r for r in records)
+    biased = any("cpu_bias_ms" in r for r in records)
     extra_head, extra_rule = (" cpu + scales ms | scales cost |", "---|---|") if scaled else ("", "")
     if gained:
         extra_head += " + input gains ms | scales + gains cost | gains as a separate pass ms | cost |"
         extra_rule += "---|---|---|---|"
+    if biased:
+        extra_head += " + output bias ms | scales + gains + bias cost |"
+        extra_rule += "---|---|"
     lines = [
         "| shape | dtype | G | density | batch | dense ms | oracle ms | cpu kernel ms | vs dense | vs oracle |" + extra_head,
         "|---|---|---|---|---|---|---|---|---|---|" + extra_rule,
@@ -191,6 +210,7 @@ def markdown_table(records: list[dict]) -> str:
         extra = f" {r['cpu_scales_ms']:.3f} | {100 * r['scales_overhead']:+.1f}% |" if scaled else ""
         extra += (f" {r['cpu_gains_ms']:.3f} | {100 * r['gains_overhead']:+.1f}% |"
                   f" {r['cpu_gains_pass_ms']:.3f} | {100 * r['gains_pass_overhead']:+.1f}% |") if gained else ""
+        extra += f" {r['cpu_bias_ms']:.3f} | {100 * r['bias_overhead']:+.1f}% |" if biased else ""
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['G']} | {r['density']:.2f} | {r['batch']} | {r['dense_ms']:.3f} | "
             f"{r['oracle_ms']:.3f} | {r['cpu_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_oracle']:.2f}x |" + extra
@@ -242,8 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales", action="store_true", help="also time the kernel with per-channel persona scales")
     parser.add_argument("--input-gains", action="store_true",
                         help="also time the kernel with scales and per-persona FFN input gains (implies --scales)")
+    parser.add_argument("--output-bias", action="store_true",
+                        help="also time the kernel with scales, input gains and a per-persona FFN output bias "
+                             "(implies --input-gains)")
     parser.add_argument("--plot", type=Path, default=PLOT_PATH)
     args = parser.parse_args(argv)
+    args.input_gains = args.input_gains or args.output_bias
     args.scales = args.scales or args.input_gains
     if not cpu_backend.is_available():
         sys.exit(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}")
