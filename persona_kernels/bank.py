@@ -226,14 +226,14 @@ class MaskBank:
             if p.scales is not None:
                 kept = p.scales[channel_keep(p.keep, self.group_size)]
                 scale_note = f"mean {float(kept.mean()):.3f}, range [{float(kept.min()):.3f}, {float(kept.max()):.3f}]" if kept.numel() else "none kept"
-            gain_note = ""
+            vector_notes = ""
             for key, (label, _) in HIDDEN_VECTORS.items():
                 vector = getattr(p, key)
                 if vector is not None:
-                    gain_note += f", {label}: mean {float(vector.mean()):.3f}, range [{float(vector.min()):.3f}, {float(vector.max()):.3f}]"
+                    vector_notes += f", {label}: mean {float(vector.mean()):.3f}, range [{float(vector.min()):.3f}, {float(vector.max()):.3f}]"
             lines.append(
                 f"  [{index + 1}] {p.name}: method {p.method}, sparsity {p.sparsity:.3f} "
-                f"(layers {min(per_layer):.2f}..{max(per_layer):.2f}), scales: {scale_note}{gain_note}"
+                f"(layers {min(per_layer):.2f}..{max(per_layer):.2f}), scales: {scale_note}{vector_notes}"
             )
             if p.description:
                 text = p.description if len(p.description) <= 100 else p.description[:97] + "..."
