@@ -1,0 +1,80 @@
+"""Exploratory (not part of the package): re-measure the acceptance banks on more held-out questions.
+
+docs/PRUNER.md's acceptance tables score every mask on 8 eval questions per persona (4 persona-specific,
+4 general) with 32-token dense answers. This script scores the same bank entries, unchanged, on the
+first ``--n-eval`` questions of ``eval/<persona>.jsonl`` (half of each split; 40 = all of them), with
+the same teacher-forced KL(dense || masked) and top-1 agreement. The persona mask is measured with
+the scales its bank entry carries and without; baselines as stored (no scales), as in PRUNER.md.
+Appends one JSON row per (persona, sparsity, method) to ``--out`` (skipping rows already there) and
+prints a table (``--methods`` limits the methods). Used for docs/PRUNER.md ("All 40 eval questions"):
+
+    python docs/pruner/rescore.py --banks docs/eval/pruner/pruner-s0.25.safetensors \
+        --personas <all 14> --n-eval 40 --methods "persona,persona (no scales),generic-learned" \
+        --out /tmp/rescore/results.jsonl
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from persona_kernels.bank import MaskBank
+from persona_kernels.hf.default_model import load_default_model
+from persona_kernels.hf.ffn import model_fingerprint
+from pruner.data import JsonlCache, load_personas, read_jsonl
+from pruner.experiment import SHARED, persona_fidelity
+
+p = argparse.ArgumentParser()
+p.add_argument("--banks", required=True, help="comma-separated bank paths (one sparsity each)")
+p.add_argument("--personas", required=True, help="comma-separated persona ids")
+p.add_argument("--n-eval", type=int, default=40)
+p.add_argument("--eval-tokens", type=int, default=32)
+p.add_argument("--methods", default="", help="comma-separated methods to measure (default: all in the bank)")
+p.add_argument("--out", default="/tmp/rescore/results.jsonl")
+a = p.parse_args()
+torch.set_num_threads(1)
+out = Path(a.out)
+out.parent.mkdir(parents=True, exist_ok=True)
+rows = read_jsonl(out) if out.is_file() else []
+done = {(r["persona"], r["sparsity"], r["method"]) for r in rows}
+banks = [MaskBank.load(path) for path in a.banks.split(",")]
+model, tokenizer = load_default_model()
+fingerprint = model_fingerprint(model)
+cache = JsonlCache(out.parent / "eval_answers.jsonl")
+settings = argparse.Namespace(data_dir=str(SHARED), n_eval=a.n_eval, eval_tokens=a.eval_tokens)
+for row in load_personas(SHARED / "personas" / "personas.jsonl", a.personas.split(",")):
+    pid = row["id"]
+    fidelity = None
+    for bank in banks:
+        entries = [e for e in bank.personas if e.name == pid or e.name.startswith(pid + "@")]
+        sparsity = round(entries[0].sparsity, 2)
+        measured = []
+        for e in entries:
+            method = "persona" if e.name == pid else e.name.split("@", 1)[1]
+            measured.append((method, e.keep, e.scales))
+            if e.name == pid:
+                measured.append(("persona (no scales)", e.keep, None))
+        wanted = set(a.methods.split(",")) if a.methods else None
+        for method, keep, scales in measured:
+            if (pid, sparsity, method) in done or (wanted is not None and method not in wanted):
+                continue
+            if fidelity is None:
+                fidelity = persona_fidelity(model, tokenizer, pid, row["description"], settings, cache, fingerprint)
+            score = fidelity.measure(keep, bank.group_size, scales)
+            result = {"persona": pid, "sparsity": sparsity, "method": method, "n_eval": a.n_eval, **score}
+            rows.append(result)
+            with open(out, "a") as stream:
+                stream.write(json.dumps(result) + "\n")
+            print(f"{pid} s={sparsity} {method}: KL {score['kl']:.3f} top-1 {score['top1']:.3f}", flush=True)
+
+for sparsity in sorted({r["sparsity"] for r in rows}):
+    at = [r for r in rows if r["sparsity"] == sparsity]
+    methods = list(dict.fromkeys(r["method"] for r in at))
+    print(f"\n| persona ({sparsity}) | " + " | ".join(methods) + " | lowest baseline |")
+    print("|---" * (len(methods) + 2) + "|")
+    for pid in dict.fromkeys(r["persona"] for r in at):
+        kl = {r["method"]: r["kl"] for r in at if r["persona"] == pid}
+        base = min((m for m in kl if not m.startswith("persona")), key=kl.get)
+        print(f"| {pid} | " + " | ".join(f"{kl[m]:.3f}" if m in kl else "–" for m in methods) + f" | {base} |")
+    means = {m: sum(r["kl"] for r in at if r["method"] == m) / sum(r["method"] == m for r in at) for m in methods}
+    print("| **mean** | " + " | ".join(f"{means[m]:.3f}" for m in methods) + " | |")
