@@ -159,32 +159,28 @@ def learn_scales(model, data: TrainingData, keep: torch.Tensor, group_size: int,
     # Gains and bias ride in the same tensor as the scales (init 1): value = base + (p - 1) * extra_lr / lr
     # makes Adam's step on them extra_lr (Adam is invariant to the gradient's scale), with one optimizer
     # and checkpoint.
-    extras = [(name, base, extra_lr) for name, wanted, base, extra_lr in
-              (("input_gains", input_gains, 1.0, gain_lr), ("output_bias", bias, 0.0, bias_lr)) if wanted]
+    extras = [(name, hook, base, extra_lr) for name, wanted, hook, base, extra_lr in
+              (("input_gains", input_gains, input_gain, 1.0, gain_lr), ("output_bias", bias, output_bias, 0.0, bias_lr))
+              if wanted]
 
-    def split(parameter: torch.Tensor) -> Recovery:
-        parts = {}
-        for index, (name, base, extra_lr) in enumerate(extras):
-            block = parameter[:, d_ff + index * d_model : d_ff + (index + 1) * d_model]
-            parts[name] = base + (block - 1) * (extra_lr / lr)
-        return Recovery(channel * parameter[:, :d_ff], **parts)
+    def extra(parameter: torch.Tensor, index: int) -> torch.Tensor:
+        _, _, base, extra_lr = extras[index]
+        return base + (parameter[:, d_ff + index * d_model : d_ff + (index + 1) * d_model] - 1) * (extra_lr / lr)
 
     @contextlib.contextmanager
     def apply(parameter: torch.Tensor) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(channel_multiplier(model, lambda: split(parameter).scales.to(device)))
-            if input_gains:
-                stack.enter_context(input_gain(model, lambda: split(parameter).input_gains.to(device)))
-            if bias:
-                stack.enter_context(output_bias(model, lambda: split(parameter).output_bias.to(device)))
+            stack.enter_context(channel_multiplier(model, lambda: (channel * parameter[:, :d_ff]).to(device)))
+            for index, (_, hook, _, _) in enumerate(extras):
+                stack.enter_context(hook(model, lambda index=index: extra(parameter, index).to(device)))
             yield
 
     start = torch.ones(channel.shape[0], d_ff + len(extras) * d_model)
     result = _optimize(model, data, start, apply, steps, lr, kl_weight, batch_size, seed + 1,
                        checkpoint, checkpoint_every, "scale learning", progress, stop_after)
-    learned = split(result.value.detach())
-    learned.scales = torch.where(channel.bool(), result.value[:, :d_ff], torch.ones_like(channel))
-    return learned, result
+    value = result.value.detach()
+    scales = torch.where(channel.bool(), value[:, :d_ff], torch.ones_like(channel))
+    return Recovery(scales, **{name: extra(value, index) for index, (name, _, _, _) in enumerate(extras)}), result
 
 
 @torch.no_grad()

@@ -86,22 +86,19 @@ def test_round_trip(tmp_path: Path, n_personas: int, scales: bool, permutation: 
         assert torch.equal(table[kept], loaded_table[kept])  # scales of dropped channels are not stored
     assert loaded.keep_bits().shape == (N_LAYERS, n_personas + 1, 2)
     assert "persona(s)" in loaded.summary()
-    assert ("input gains" in loaded.summary()) == gains
-    gain_table = loaded.input_gains_table()
-    assert (gain_table is None) == (not gains)
-    if gains:
-        assert gain_table.shape == (N_LAYERS, n_personas + 1, D_MODEL)
-        assert torch.equal(gain_table[:, 0], torch.ones(N_LAYERS, D_MODEL))  # the dense row
-        assert torch.equal(gain_table[:, 1], torch.ones(N_LAYERS, D_MODEL))  # persona 1 has no gains
-        assert torch.equal(gain_table[:, 2], bank.personas[1].input_gains)
-    assert ("output bias" in loaded.summary()) == bias
-    bias_table = loaded.output_bias_table()
-    assert (bias_table is None) == (not bias)
-    if bias:
-        assert bias_table.shape == (N_LAYERS, n_personas + 1, D_MODEL)
-        assert torch.equal(bias_table[:, 0], torch.zeros(N_LAYERS, D_MODEL))  # the dense row
-        assert torch.equal(bias_table[:, 1], bank.personas[0].output_bias)
-        assert torch.equal(bias_table[:, 2], torch.zeros(N_LAYERS, D_MODEL))  # persona 1 has no bias
+    for key, label, present, table, fill in (
+        ("input_gains", "input gains", gains, loaded.input_gains_table(), 1.0),
+        ("output_bias", "output bias", bias, loaded.output_bias_table(), 0.0),
+    ):
+        assert (label in loaded.summary()) == present
+        assert (table is None) == (not present)
+        if present:
+            assert table.shape == (N_LAYERS, n_personas + 1, D_MODEL)
+            none = torch.full((N_LAYERS, D_MODEL), fill)
+            assert torch.equal(table[:, 0], none)  # the dense row
+            for index, persona in enumerate(bank.personas):  # a persona without one reads as none
+                vector = getattr(persona, key)
+                assert torch.equal(table[:, index + 1], none if vector is None else vector), (key, persona.name)
 
 
 def test_scales_table_dense_row_is_ones() -> None:

@@ -6,7 +6,7 @@ first ``--n-eval`` questions of ``eval/<persona>.jsonl`` (half of each split; 40
 the same teacher-forced KL(dense || masked) and top-1 agreement. The persona mask is measured with
 the scales its bank entry carries and without; baselines as stored (no scales), as in PRUNER.md.
 Appends one JSON row per (persona, sparsity, method) to ``--out`` (skipping rows already there) and
-prints a table (``--methods`` limits the methods). Used for docs/PRUNER.md ("All 40 eval questions"):
+writes and prints ``table.md`` beside it (``--methods`` limits the methods). Used for docs/PRUNER.md ("All 40 eval questions"):
 
     python docs/pruner/rescore.py --banks docs/eval/pruner/pruner-s0.25.safetensors \
         --personas <all 14> --n-eval 40 --methods "persona,persona (no scales),generic-learned" \
@@ -22,7 +22,7 @@ from persona_kernels.bank import MaskBank
 from persona_kernels.hf.default_model import load_default_model
 from persona_kernels.hf.ffn import model_fingerprint
 from pruner.data import JsonlCache, load_personas, read_jsonl
-from pruner.experiment import SHARED, persona_fidelity
+from pruner.experiment import SHARED, persona_fidelity, write_table
 
 p = argparse.ArgumentParser()
 p.add_argument("--banks", required=True, help="comma-separated bank paths (one sparsity each)")
@@ -41,6 +41,7 @@ banks = [MaskBank.load(path) for path in a.banks.split(",")]
 model, tokenizer = load_default_model()
 fingerprint = model_fingerprint(model)
 cache = JsonlCache(out.parent / "eval_answers.jsonl")
+wanted = set(a.methods.split(",")) if a.methods else None
 settings = argparse.Namespace(data_dir=str(SHARED), n_eval=a.n_eval, eval_tokens=a.eval_tokens)
 for row in load_personas(SHARED / "personas" / "personas.jsonl", a.personas.split(",")):
     pid = row["id"]
@@ -54,7 +55,6 @@ for row in load_personas(SHARED / "personas" / "personas.jsonl", a.personas.spli
             measured.append((method, e.keep, e.scales))
             if e.name == pid:
                 measured.append(("persona (no scales)", e.keep, None))
-        wanted = set(a.methods.split(",")) if a.methods else None
         for method, keep, scales in measured:
             if (pid, sparsity, method) in done or (wanted is not None and method not in wanted):
                 continue
@@ -67,14 +67,6 @@ for row in load_personas(SHARED / "personas" / "personas.jsonl", a.personas.spli
                 stream.write(json.dumps(result) + "\n")
             print(f"{pid} s={sparsity} {method}: KL {score['kl']:.3f} top-1 {score['top1']:.3f}", flush=True)
 
-for sparsity in sorted({r["sparsity"] for r in rows}):
-    at = [r for r in rows if r["sparsity"] == sparsity]
-    methods = list(dict.fromkeys(r["method"] for r in at))
-    print(f"\n| persona ({sparsity}) | " + " | ".join(methods) + " | lowest baseline |")
-    print("|---" * (len(methods) + 2) + "|")
-    for pid in dict.fromkeys(r["persona"] for r in at):
-        kl = {r["method"]: r["kl"] for r in at if r["persona"] == pid}
-        base = min((m for m in kl if not m.startswith("persona")), key=kl.get)
-        print(f"| {pid} | " + " | ".join(f"{kl[m]:.3f}" if m in kl else "–" for m in methods) + f" | {base} |")
-    means = {m: sum(r["kl"] for r in at if r["method"] == m) / sum(r["method"] == m for r in at) for m in methods}
-    print("| **mean** | " + " | ".join(f"{means[m]:.3f}" for m in methods) + " | |")
+table = out.with_name("table.md")
+write_table(rows, table)
+print(table.read_text())
