@@ -106,24 +106,26 @@ class Pruner:
         return self._generic_stats
 
     def generic_learned(self) -> tuple[torch.Tensor, dict]:
-        """The mask learned on generic data at the configured sparsity (once per sparsity and group size)."""
+        """The mask learned on generic data at the configured sparsity (once per sparsity, group size, steps and
+        KL weight), with the persona mask's loss: the KL term's teacher is the dense model without a persona."""
         c = self.config
-        key = (c.sparsity, c.group_size, c.steps)
+        key = (c.sparsity, c.group_size, c.steps, c.kl_weight)
         if key not in self._generic_learned:
             data = self.generic_data()
             init = scores_from_importance(activation_importance(self.generic_stats(), self.model, c.group_size))
             keep, result = learn_mask(self.model, data, init, self.k, c.group_size, steps=c.steps, lr=c.lr,
-                                      batch_size=c.batch_size, seed=c.seed, ste=c.ste,
+                                      batch_size=c.batch_size, seed=c.seed, ste=c.ste, kl_weight=c.kl_weight,
                                       checkpoint=self._checkpoint("generic", "generic-learned"),
                                       checkpoint_every=c.checkpoint_every, progress=c.progress)
-            self._generic_learned[key] = (keep, {"learn_s": round(result.seconds, 2), "loss_curve": _subsample_curve(result.curve)})
+            self._generic_learned[key] = (keep, {"learn_s": round(result.seconds, 2), "kl_weight": c.kl_weight,
+                                                 "loss_curve": _subsample_curve(result.curve)})
         return self._generic_learned[key]
 
     def _checkpoint(self, persona_key: str, method: str) -> Path:
         c = self.config
         # the step count is not part of the key: a rerun with more (or fewer) steps continues from the checkpoint
         recovery = method.startswith("scales")
-        kl_weight = 0.0 if method == "generic-learned" else c.scale_kl_weight if recovery else c.kl_weight  # generic: no teacher
+        kl_weight = c.scale_kl_weight if recovery else c.kl_weight
         lr = c.scale_lr if recovery else c.lr  # a new scale lr must not discard the mask's checkpoint
         if "+gains" in method:
             lr = f"{lr}|{c.gain_lr}"

@@ -168,6 +168,27 @@ def test_baselines_shape_and_sparsity(model, tokenizer, tmp_path):
     assert torch.equal(bl.random_mask(2, 16, 5, seed=1), bl.random_mask(2, 16, 5, seed=1))
 
 
+@pytest.mark.parametrize("kl_weight", [0.0, 1.0])
+def test_generic_learned_uses_the_persona_masks_loss(model, tokenizer, tmp_path, monkeypatch, kl_weight):
+    import pruner.pipeline as pipeline
+
+    seen = []
+    real = pipeline.learn_mask
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["kl_weight"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "learn_mask", recording)
+    pruner = Pruner(model, tokenizer, small_config(tmp_path, kl_weight=kl_weight, baselines=("generic-learned",)))
+    persona, generic = pruner.prune("p", DESCRIPTION)
+    assert seen == [kl_weight, kl_weight]  # the persona mask, then the generic one: the same loss
+    assert generic.report["kl_weight"] == kl_weight
+    pruner.config.kl_weight = kl_weight + 0.5  # another loss is another generic mask, not the cached one
+    pruner.baseline("p", DESCRIPTION, "generic-learned")
+    assert seen[-1] == kl_weight + 0.5
+
+
 def test_bad_inputs_raise_before_work(model, tokenizer, tmp_path, monkeypatch):
     import pruner.pipeline as pipeline
 
