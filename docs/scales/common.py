@@ -15,9 +15,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """``--cache-dir`` (pruner cache with the persona's teacher answers) and ``--eval-cache`` (dense eval answers)."""
     parser.add_argument("--cache-dir", default="/tmp/scache")
     parser.add_argument("--eval-cache", default="/tmp/scales_eval_answers.jsonl")
+    parser.add_argument("--n-eval", type=int, default=8, help="eval questions (half persona-specific, half general)")
 
 
-def persona_run(persona: str, group_size: int, cache_dir: str, eval_cache: str, sparsity: float = 0.5):
+def persona_run(persona: str, group_size: int, cache_dir: str, eval_cache: str, sparsity: float = 0.5, n_eval: int = 8):
     """``(model, pruner, data, fidelity)`` for ``persona`` (one thread, as the runs in the docs)."""
     torch.set_num_threads(1)
     model, tokenizer = load_default_model()
@@ -27,6 +28,6 @@ def persona_run(persona: str, group_size: int, cache_dir: str, eval_cache: str, 
     description = load_personas(SHARED / "personas" / "personas.jsonl", [persona])[0]["description"]
     data, _ = pruner.persona_data(description)
     fidelity = persona_fidelity(model, tokenizer, persona, description,
-                                argparse.Namespace(data_dir=str(SHARED), n_eval=8, eval_tokens=32),
+                                argparse.Namespace(data_dir=str(SHARED), n_eval=n_eval, eval_tokens=32),
                                 JsonlCache(eval_cache), pruner.fingerprint)
     return model, pruner, data, fidelity

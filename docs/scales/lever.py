@@ -2,8 +2,9 @@
 
 Learns, on one persona's calibration data with one mask of a bank fixed, any of: per-channel scales
 (``scales``), one scale per group (``group``), an FFN output bias (``learnbias``, ``flap`` starts it at the
-closed-form compensation), an FFN input gain (``gain``), with KL on every suffix position (``allpos``).
-Every 10 steps it records KL on the persona's 8 eval questions and on the last ``--holdout`` calibration
+closed-form compensation), an FFN input gain (``gain``), a per-channel bias on the gate or up projection's
+output (``gatebias``, ``upbias``: before the activation and the product), with KL on every suffix
+position (``allpos``). Every 10 steps it records KL on the persona's ``--n-eval`` eval questions and on the last ``--holdout`` calibration
 sequences (not trained on). Appends one JSON row to ``--out``. Used for docs/SCALES.md, e.g.:
 
     python docs/scales/lever.py --persona twilight_sparkle --bank bank_s0.25+kl.safetensors --variant scales+gain \
@@ -35,13 +36,14 @@ p.add_argument("--steps", type=int, default=60)
 p.add_argument("--lr", type=float, default=0.05)
 p.add_argument("--kl", type=float, default=10.0)
 p.add_argument("--bias-lr", type=float, default=None, help="step size of the learned output bias (default: --lr)")
+p.add_argument("--proj-bias-lr", type=float, default=0.01, help="step size of the gate / up projection biases")
 p.add_argument("--holdout", type=int, default=0)
 add_run_arguments(p)
 p.add_argument("--out", default="/tmp/lever_runs.jsonl")
 a = p.parse_args()
 bank = MaskBank.load(a.bank)
 mask, G = bank.get(a.persona), bank.group_size
-model, _, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache)
+model, _, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache, n_eval=a.n_eval)
 layers = find_ffn_layers(model)
 channel = expand_groups(mask.keep.float(), G)
 L, d_ff = channel.shape
@@ -68,17 +70,22 @@ scales = torch.ones(L, d_ff, requires_grad=True)
 group_scales = torch.ones(L, d_ff // G, requires_grad=True)
 bias = (flap_bias() if "flap" in a.variant else torch.zeros(L, d_model)).requires_grad_(True)
 gain = torch.ones(L, d_model, requires_grad=True)
+gate_bias = torch.zeros(L, d_ff, requires_grad=True)
+up_bias = torch.zeros(L, d_ff, requires_grad=True)
 groups = [{"params": [t for key, t in (("scales", scales), ("group", group_scales)) if key in a.variant], "lr": a.lr}]
 if "learnbias" in a.variant:
     groups.append({"params": [bias], "lr": a.lr if a.bias_lr is None else a.bias_lr})
 if "gain" in a.variant:
     groups.append({"params": [gain], "lr": 0.01})
+groups.append({"params": [t for key, t in (("gatebias", gate_bias), ("upbias", up_bias)) if key in a.variant], "lr": a.proj_bias_lr})
 
 
 @contextlib.contextmanager
 def extras():
-    """The output bias and input gain hooks (identity unless learned)."""
-    hooks = [l.mlp.down_proj.register_forward_hook(lambda m, i, o, k=l.index: o + bias[k].to(o.dtype)) for l in layers]
+    """The output bias, input gain and projection bias hooks (identity unless learned)."""
+    hooks = [l.mlp.gate_proj.register_forward_hook(lambda m, i, o, k=l.index: o + gate_bias[k].to(o.dtype)) for l in layers]
+    hooks += [l.mlp.up_proj.register_forward_hook(lambda m, i, o, k=l.index: o + up_bias[k].to(o.dtype)) for l in layers]
+    hooks += [l.mlp.down_proj.register_forward_hook(lambda m, i, o, k=l.index: o + bias[k].to(o.dtype)) for l in layers]
     hooks += [l.mlp.register_forward_pre_hook(lambda m, args, k=l.index: (args[0] * gain[k].to(args[0].dtype),) + tuple(args[1:]))
               for l in layers]
     try:
@@ -156,6 +163,7 @@ for step in range(a.steps if optimizer else 0):
         trajectory.append((step + 1, eval_kl(), holdout_kl()))
         print(trajectory[-1], float(loss), flush=True)
 row = dict(persona=a.persona, bank=a.bank, variant=a.variant, wd=a.wd, lr=a.lr, bias_lr=a.bias_lr, kl=a.kl, holdout=a.holdout, steps=a.steps,
+           n_eval=a.n_eval, proj_bias_lr=a.proj_bias_lr,
            trajectory=trajectory, seconds=round(time.time() - began))
 with open(a.out, "a") as stream:
     stream.write(json.dumps(row) + "\n")
