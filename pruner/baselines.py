@@ -1,7 +1,7 @@
 """Baseline masks at the same sparsity and group size as the learned persona mask.
 
 Each returns a bool keep mask ``[L, n_groups]`` with exactly ``k`` groups kept per layer.
-``generic-learned`` (the same mask learning on generic data) lives in :mod:`pruner.pipeline`
+``generic-learned`` (the same mask learning, with the same loss, on generic data) lives in :mod:`pruner.pipeline`
 because it shares the learning loop.
 """
 
