@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from persona_kernels.bank import MAX_DESCRIPTION_CHARS
@@ -60,6 +60,15 @@ class PrunerConfig:
         data = asdict(self)
         data["baselines"] = list(self.baselines)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrunerConfig:
+        """The config a report's ``config`` (:meth:`to_dict`) records; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if "baselines" in values:
+            values["baselines"] = tuple(values["baselines"])
+        return cls(**values)
 
     def cache_path(self) -> Path:
         """The directory for cached data, statistics and checkpoints."""

@@ -189,6 +189,14 @@ def test_generic_learned_uses_the_persona_masks_loss(model, tokenizer, tmp_path,
     assert seen[-1] == kl_weight + 0.5
 
 
+def test_config_from_a_reports_dict_round_trips_and_ignores_unknown_keys(tmp_path):
+    config = small_config(tmp_path, kl_weight=0.5, baselines=("wanda", "flap"), input_gains=True)
+    recorded = json.loads(json.dumps(config.to_dict()))  # as a bank report stores it
+    assert PrunerConfig.from_dict(recorded) == config
+    assert PrunerConfig.from_dict({**recorded, "from_a_newer_version": 1}) == config
+    assert PrunerConfig.from_dict({"sparsity": 0.25}) == PrunerConfig(sparsity=0.25)  # an older report: defaults
+
+
 def test_bad_inputs_raise_before_work(model, tokenizer, tmp_path, monkeypatch):
     import pruner.pipeline as pipeline
 

@@ -12,7 +12,6 @@ persona mask's loss"):
         --bank-out /tmp/fair/pruner-s0.25-fair.safetensors --cache /tmp/fair/cache --kl-weights 0,1
 """
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -31,16 +30,14 @@ torch.set_num_threads(1)
 bank = MaskBank.load(a.bank)
 learned = [e for e in bank.personas if e.method == "persona-pruner"]
 stored = {e.name.split("@")[0]: e for e in bank.personas if e.method == "generic-learned"}
-settings = learned[0].report["config"]
-fields = {f.name for f in dataclasses.fields(PrunerConfig)}
-config = PrunerConfig(**{k: (tuple(v) if k == "baselines" else v) for k, v in settings.items() if k in fields})
+reference = next(iter(stored.values()))
+config = PrunerConfig.from_dict(learned[0].report["config"])
 config.cache_dir, config.progress = a.cache, True
 model, tokenizer = load_default_model()
 pruner = Pruner(model, tokenizer, config)
 for weight in [float(w) for w in a.kl_weights.split(",")]:
     config.kl_weight = weight
     keep, report = pruner.generic_learned()
-    reference = next(iter(stored.values()))
     if float(reference.report.get("kl_weight", 0.0)) == weight:
         same = [name for name, e in stored.items() if torch.equal(e.keep, keep)]
         print(f"kl_weight {weight}: equals the stored generic-learned mask of {len(same)} of {len(stored)} personas")

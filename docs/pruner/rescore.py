@@ -4,7 +4,7 @@ docs/PRUNER.md's acceptance tables score every mask on 8 eval questions per pers
 4 general) with 32-token dense answers. This script scores the same bank entries, unchanged, on the
 first ``--n-eval`` questions of ``eval/<persona>.jsonl`` (half of each split; 40 = all of them), with
 the same teacher-forced KL(dense || masked) and top-1 agreement. The persona mask is measured with
-the scales its bank entry carries and without; baselines as stored (no scales), as in PRUNER.md.
+the scales (and input gains and output bias) its bank entry carries and without any; baselines as stored (no scales), as in PRUNER.md.
 Appends one JSON row per (persona, sparsity, method) to ``--out`` (skipping rows already there) and
 writes and prints ``table.md`` beside it (``--methods`` limits the methods). Used for docs/PRUNER.md ("All 40 eval questions"):
 
@@ -52,15 +52,15 @@ for row in load_personas(SHARED / "personas" / "personas.jsonl", a.personas.spli
         measured = []
         for e in entries:
             method = "persona" if e.name == pid else e.name.split("@", 1)[1]
-            measured.append((method, e.keep, e.scales))
+            measured.append((method, e.keep, (e.scales, e.input_gains, e.output_bias)))
             if e.name == pid:
-                measured.append(("persona (no scales)", e.keep, None))
-        for method, keep, scales in measured:
+                measured.append(("persona (no scales)", e.keep, ()))
+        for method, keep, recovery in measured:
             if (pid, sparsity, method) in done or (wanted is not None and method not in wanted):
                 continue
             if fidelity is None:
                 fidelity = persona_fidelity(model, tokenizer, pid, row["description"], settings, cache, fingerprint)
-            score = fidelity.measure(keep, bank.group_size, scales)
+            score = fidelity.measure(keep, bank.group_size, *recovery)
             result = {"persona": pid, "sparsity": sparsity, "method": method, "n_eval": a.n_eval, **score}
             rows.append(result)
             with open(out, "a") as stream:

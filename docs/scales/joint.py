@@ -28,7 +28,7 @@ add_run_arguments(p)
 p.add_argument("--out", default="/tmp/joint.jsonl")
 a = p.parse_args()
 G = 16
-model, pruner, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache, a.sparsity)
+model, pruner, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache, a.sparsity, n_eval=a.n_eval)
 init = scores_from_importance(activation_importance(collect_stats(model, data.prefix, data.batches(8), False), model, G))
 k, n_groups, out = pruner.k, init.shape[1], {}
 

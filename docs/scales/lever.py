@@ -82,9 +82,10 @@ groups.append({"params": [t for key, t in (("gatebias", gate_bias), ("upbias", u
 
 @contextlib.contextmanager
 def extras():
-    """The output bias, input gain and projection bias hooks (identity unless learned)."""
-    hooks = [l.mlp.gate_proj.register_forward_hook(lambda m, i, o, k=l.index: o + gate_bias[k].to(o.dtype)) for l in layers]
-    hooks += [l.mlp.up_proj.register_forward_hook(lambda m, i, o, k=l.index: o + up_bias[k].to(o.dtype)) for l in layers]
+    """The output bias and input gain hooks (identity unless learned) and the learned projection biases."""
+    hooks = [getattr(l.mlp, proj).register_forward_hook(lambda m, i, o, k=l.index, b=b: o + b[k].to(o.dtype))
+             for key, proj, b in (("gatebias", "gate_proj", gate_bias), ("upbias", "up_proj", up_bias)) if key in a.variant
+             for l in layers]
     hooks += [l.mlp.down_proj.register_forward_hook(lambda m, i, o, k=l.index: o + bias[k].to(o.dtype)) for l in layers]
     hooks += [l.mlp.register_forward_pre_hook(lambda m, args, k=l.index: (args[0] * gain[k].to(args[0].dtype),) + tuple(args[1:]))
               for l in layers]
