@@ -23,7 +23,7 @@ COLOURS = {"scales": "tab:purple", "scales+gain+learnbias": "tab:pink", "lora": 
 
 def label(row: dict) -> str:
     """Legend text of one run: its variant, with the rank or step size that tells runs of one variant apart."""
-    return LABELS.get(row["variant"], row["variant"]).format(**row)
+    return LABELS.get(row["variant"], row["variant"]).format(**row) + f", {row['steps']} steps"
 
 
 def panel(row: dict) -> tuple[str, str]:
@@ -42,7 +42,7 @@ for ax, key in zip(axes[0], panels):
     runs = sorted((r for r in rows if panel(r) == key), key=lambda r: r["trajectory"][-1][1], reverse=True)
     for r in runs:
         steps, kls = zip(*[(step, kl) for step, kl, _ in r["trajectory"]])
-        dashed = r["variant"] == "lora" and r["lora_rank"] < 16 or r["variant"].startswith("finetune") and r["steps"] < 120
+        dashed = r["variant"] == "lora" and r["lora_rank"] < 16 or r["steps"] < max(o["steps"] for o in runs if o["variant"] == r["variant"])
         ax.plot(steps, kls, marker="o", markersize=3, color=COLOURS.get(r["variant"]), linestyle=":" if dashed else "-",
                 label=label(r))
     ax.axhline(0.6 * runs[0]["trajectory"][0][1], color="grey", linestyle="--", linewidth=1, label="40% below the mask alone")
