@@ -86,12 +86,10 @@ if "gain" in a.variant:
     groups.append({"params": [gain], "lr": 0.01})
 groups.append({"params": [t for key, t in (("gatebias", gate_bias), ("upbias", up_bias)) if key in a.variant], "lr": a.proj_bias_lr})
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-lora = {(l.index, proj): (torch.randn(a.lora_rank, getattr(l.mlp, proj).in_features) / getattr(l.mlp, proj).in_features ** 0.5,
-                          torch.zeros(getattr(l.mlp, proj).out_features, a.lora_rank))
+lora = {(l.index, proj): ((torch.randn(a.lora_rank, getattr(l.mlp, proj).in_features)
+                           / getattr(l.mlp, proj).in_features ** 0.5).requires_grad_(),
+                          torch.zeros(getattr(l.mlp, proj).out_features, a.lora_rank, requires_grad=True))
         for l in layers for proj in PROJECTIONS} if "lora" in a.variant else {}
-for pair in lora.values():
-    for factor in pair:
-        factor.requires_grad_(True)
 if lora:
     groups.append({"params": [t for pair in lora.values() for t in pair], "lr": a.lora_lr})
 if "finetuneall" in a.variant:
@@ -141,10 +139,9 @@ def holdout_kl() -> float | None:
     if not hold_idx:
         return None
     total = count = 0
-    past = encode_prefix(teacher_model, data.prefix)
     for s in range(0, len(hold_idx), 8):
         b = data.batch(hold_idx[s : s + 8])
-        dense, _ = answer_logits(teacher_model, data.prefix, b, past)
+        dense, _ = answer_logits(teacher_model, data.prefix, b, dense_past)
         with extras(), channel_multiplier(model, multiplier().detach()):
             masked, _ = answer_logits(model, data.prefix, b)
         kl = kl_divergence(dense, masked)
@@ -167,11 +164,11 @@ if tuned_weights:
     groups.append({"params": tuned_weights, "lr": a.ft_lr})
 trained = sum(int(t.numel()) for g in groups for t in g["params"])
 print(f"{a.variant}: {trained:,} trained numbers", flush=True)
+dense_past = encode_prefix(teacher_model, data.prefix)
 trajectory = [(0, eval_kl(), holdout_kl())]
 print(trajectory[-1], flush=True)
 groups = [g for g in groups if g["params"]]
 optimizer = torch.optim.Adam(groups) if groups else None
-dense_past = encode_prefix(teacher_model, data.prefix)
 began = time.time()
 for step in range(a.steps if optimizer else 0):
     b = data.batch([train_idx[i] for i in batch_indices(len(train_idx), 4, step, 1)])
@@ -195,7 +192,7 @@ for step in range(a.steps if optimizer else 0):
     optimizer.step()
     if (step + 1) % 10 == 0:
         trajectory.append((step + 1, eval_kl(), holdout_kl()))
-        print(trajectory[-1], float(loss), flush=True)
+        print(trajectory[-1], loss.item(), flush=True)
 row = dict(persona=a.persona, bank=a.bank, variant=a.variant, wd=a.wd, lr=a.lr, bias_lr=a.bias_lr, kl=a.kl, holdout=a.holdout, steps=a.steps,
            n_eval=a.n_eval, proj_bias_lr=a.proj_bias_lr, ft_lr=a.ft_lr, lora_rank=a.lora_rank, lora_lr=a.lora_lr, trained=trained,
            trajectory=trajectory, seconds=round(time.time() - began))
