@@ -195,12 +195,14 @@ def _fused_runs(backend: str):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("T", [11, 37])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_gains_equal_prescaled_tokens(backend, dtype):
-    """A kernel that fuses the gains rounds each gained token to its dtype exactly as the reference does."""
+def test_fused_gains_equal_prescaled_tokens(backend, dtype, T):
+    """A kernel that fuses the gains rounds each gained token to its dtype exactly as the reference does
+    (T=37 takes the triton decode path's separate gains pass)."""
     require_backend(backend)
-    inputs = with_input_gains(make_inputs(11, 40, 96, 16, "mixed_scales", dtype, device_for(backend),
-                                          _seed("fused", dtype)), 5)
+    inputs = with_input_gains(make_inputs(T, 40, 96, 16, "mixed_scales", dtype, device_for(backend),
+                                          _seed("fused", dtype, T)), 5)
     gains = inputs.pop("input_gains")
     prescaled = dict(inputs, x=apply_input_gains(inputs["x"], gains, inputs["persona_ids"]))
     for label, run in _fused_runs(backend):

@@ -27,7 +27,7 @@ except ImportError as error:  # triton missing or incompatible
     INTERPRET = False
     _IMPORT_ERROR = str(error)
 
-FUSES_INPUT_GAINS = True  # both kernels multiply each token by its persona's gains as they load it
+FUSES_INPUT_GAINS = True  # the backend applies the gains itself (in the kernels, or one pre-pass for large decode blocks)
 
 PATHS = ("decode", "prefill")
 DECODE_MAX_TOKENS = 64
@@ -36,6 +36,13 @@ DECODE_MAX_MIXED_TOKENS = 1024
 """Up to this many tokens, decode is kept while the average persona segment is under 16 tokens."""
 PREFILL_BLOCK_M = 16 if INTERPRET else 64
 """Prefill tile rows of the metadata built on the fly (small under the interpreter to cover tiling)."""
+DECODE_FUSED_GAINS_MAX_BLOCK_T = 16
+"""Decode multiplies tokens by their gains inside the gate/up kernel up to this token block; above
+it a separate pass writes the gained tokens once. Each gate/up program re-loads a
+``[BLOCK_T, d]`` fp32 gains tile, more bytes than its own weight chunk once ``BLOCK_T`` passes
+``BLOCK_C``, and pipelines it through shared memory: on sm_90 no fp32 config fits at 64 tokens
+(``python -m persona_kernels.triton_kernels.compile_check``)."""
+GAIN_ROWS_BLOCK = 1024
 
 
 def is_available() -> bool:
@@ -87,6 +94,13 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
     block_t = _token_block(T)
     t_blocks = triton.cdiv(T, block_t)
     union_ids, union_count = meta.union_ids[layer], meta.union_count[layer : layer + 1]
+    if gains is not None and block_t > DECODE_FUSED_GAINS_MAX_BLOCK_T:
+        gained = torch.empty(T, d, dtype=x.dtype, device=x.device)
+        decode.gain_rows_kernel[(T, triton.cdiv(d, GAIN_ROWS_BLOCK))](
+            x, x.stride(0), meta.token_ids, gains, gained, d,
+            BF16_RNE_BY_HAND=INTERPRET and x.dtype == torch.bfloat16, BLOCK=GAIN_ROWS_BLOCK,
+        )
+        x, gains = gained, None
     h = torch.empty(T, d_ff, dtype=x.dtype, device=x.device)
     decode.decode_gate_up_kernel[lambda m: (t_blocks, triton.cdiv(d_ff, m["BLOCK_C"]))](
         x, x.stride(0), gate_up, meta.token_ids, bits, bits.shape[1],
