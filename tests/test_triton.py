@@ -225,6 +225,19 @@ def test_llama3_8b_shapes_bf16(path, T, P, G):
     assert_matches_reference(out, *inputs, G, "silu")
 
 
+@pytest.mark.skipif(not CUDA, reason="real-shape kernels need a CUDA GPU (too slow under the interpreter)")
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_llama3_8b_shapes_bf16_with_input_gains(T):
+    """Decode with gains fused (T <= 16) and with the separate gains pass (T = 64), at real shapes."""
+    from persona_kernels.reference import apply_input_gains
+
+    x, gate_up, down_t, ids, bits, scales = make_inputs(T, LLAMA3_8B["d"], LLAMA3_8B["d_ff"], 16, 4, torch.bfloat16,
+                                                        scales=True, seed=T)
+    gains = (torch.rand(4, LLAMA3_8B["d"], generator=torch.Generator().manual_seed(T)) * 1.5 + 0.25).to(x.device)
+    out = run_poisoned(x, gate_up, down_t, ids, bits, scales, 16, "silu", path="decode", input_gains=gains)
+    assert_matches_reference(out, apply_input_gains(x, gains, ids), gate_up, down_t, ids, bits, scales, 16, "silu")
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_cuda_graph_replay_follows_rewritten_persona_ids(path):
