@@ -135,3 +135,67 @@ def test_toolkit_located():
     toolkit = build_cuda.locate_toolkit(NVCC)
     assert any((Path(d) / "cuda_runtime_api.h").is_file() for d in toolkit.include_dirs)
     assert list(Path(toolkit.library_dir).glob("libcudart.so*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled machine code (SASS) of the built extension, read with cuobjdump: what issue 4 asks
+# of the kernels' instructions, checkable without running them.
+
+
+def _cuobjdump() -> Path | None:
+    """cuobjdump from the toolkit, else the one Triton bundles."""
+    candidates = [Path(NVCC).parent / "cuobjdump"] if NVCC else []
+    try:
+        import triton
+
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    return next((c for c in candidates if c.is_file()), None)
+
+
+@pytest.fixture(scope="module")
+def kernel_sass(cuda_ext) -> dict[str, tuple[str, str]]:
+    """``{mangled kernel name: (SASS text, resource line)}`` for every kernel in the extension."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither in the CUDA toolkit nor in triton)")
+    so = cuda_ext.__file__
+    sass = subprocess.run([str(tool), "-sass", so], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([str(tool), "-res-usage", so], capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"Function : (\S+)", sass)
+    resources = dict(re.findall(r"Function (\S+?):\s*\n\s*(REG:.*)", usage))
+    kernels = {name: (body, resources.get(name, "")) for name, body in zip(parts[1::2], parts[2::2])}
+    assert kernels, "cuobjdump found no kernels"
+    return kernels
+
+
+def _instructions(body: str) -> set[str]:
+    return set(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", body))
+
+
+def test_no_kernel_spills_or_has_a_stack_frame(kernel_sass):
+    for name, (_, resources) in kernel_sass.items():
+        assert "STACK:0" in resources and "LOCAL:0" in resources, f"{name}: {resources}"
+
+
+@pytest.mark.parametrize("dtype,vec", [("13__nv_bfloat16", 8), ("6__half", 8), ("f", 4)])
+def test_vector_decode_kernels_use_16_byte_loads_and_warp_reductions(kernel_sass, dtype, vec):
+    """The vector decode variants read weight rows with 16-byte loads and reduce with warp shuffles."""
+    for kernel in ("decode_gate_up_kernel", "decode_down_kernel"):
+        found = [n for n in kernel_sass if re.search(rf"{kernel}I{dtype}Li{vec}E", n)]
+        assert found, f"no {kernel} for {dtype} with VEC {vec}"
+        for name in found:
+            ops = _instructions(kernel_sass[name][0])
+            assert any(op.startswith("LDG.E.128") for op in ops), f"{name}: no 16-byte global loads"
+            if kernel == "decode_gate_up_kernel":
+                assert "SHFL.BFLY" in ops, f"{name}: no warp-shuffle reduction"
+
+
+@pytest.mark.parametrize("dtype,mma", [("13__nv_bfloat16", "HMMA.16816.F32.BF16"), ("6__half", "HMMA.16816.F32")])
+def test_prefill_kernels_run_on_tensor_cores(kernel_sass, dtype, mma):
+    for kernel in ("prefill_gate_up_kernel", "prefill_down_kernel"):
+        found = [n for n in kernel_sass if f"{kernel}I{dtype}L" in n]
+        assert found, f"no {kernel} for {dtype}"
+        for name in found:
+            assert mma in _instructions(kernel_sass[name][0]), f"{name}: no {mma}"
