@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-SHARED_LIMIT_BYTES = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+SHARED_LIMIT_BYTES = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
 """Largest shared memory one block may opt into, per compute capability (CUDA programming guide)."""
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -224,7 +224,8 @@ def ptxas_resources(ptx: str, arch: int) -> dict[str, int]:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as handle:
             handle.write(ptx)
-        result = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name={gpu_name}", src, "-o", os.path.join(tmp, "k.o")],
+        ptxas = knobs.nvidia.ptxas_blackwell if arch >= 100 else knobs.nvidia.ptxas  # as Triton's own build step
+        result = subprocess.run([ptxas.path, "-v", f"--gpu-name={gpu_name}", src, "-o", os.path.join(tmp, "k.o")],
                                 capture_output=True, text=True, check=True)
     found = {key: sum(int(m) for m in pattern.findall(result.stderr)) for key, pattern in _PTXAS_PATTERNS.items()}
     return {"registers": found["registers"], "stack_bytes": found["stack_bytes"],
