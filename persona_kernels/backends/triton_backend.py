@@ -43,6 +43,9 @@ it a separate pass writes the gained tokens once. Each gate/up program re-loads 
 ``BLOCK_C``, and pipelines it through shared memory: on sm_90 no fp32 config fits at 64 tokens
 (``python -m persona_kernels.triton_kernels.compile_check``)."""
 GAIN_ROWS_BLOCK = 1024
+"""Elements per program of ``gain_rows_kernel``."""
+REDUCE_SPLITS_BLOCK = 1024
+"""Elements per program of ``reduce_splits_kernel``."""
 
 
 def is_available() -> bool:
@@ -124,8 +127,9 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
         h, h.stride(0), down_t, union_ids, union_count, part, d, T, d, d_ff, group_size,
         SPLIT=True, **common,
     )
-    block = 1024
-    decode.reduce_splits_kernel[(triton.cdiv(T * d, block),)](part, out, out.stride(0), T, d, splits, BLOCK=block)
+    decode.reduce_splits_kernel[(triton.cdiv(T * d, REDUCE_SPLITS_BLOCK),)](
+        part, out, out.stride(0), T, d, splits, BLOCK=REDUCE_SPLITS_BLOCK,
+    )
 
 
 def _run_prefill(x, gate_up, down_t, scales, gains, group_size, act, meta, layer, out) -> None:

@@ -128,6 +128,7 @@ def variants(quick: bool = False) -> Iterator[Variant]:
     blocks up to ``DECODE_FUSED_GAINS_MAX_BLOCK_T`` (larger ones get pre-multiplied tokens).
     """
     from ..backends import triton_backend as launcher
+    from . import decode
 
     kernels = _kernels()
     dtypes = ("bf16", "fp32") if quick else tuple(DTYPES)
@@ -158,21 +159,15 @@ def variants(quick: bool = False) -> Iterator[Variant]:
                 yield from _expand("decode.decode_down_kernel", kernels, dtype,
                                    {"h_ptr": ptr, "down_ptr": ptr, "part_ptr": "*fp32" if split else ptr},
                                    {"SPLIT": split, "FP32_DOT": fp32_dot, "BLOCK_T": block_t,
-                                    "BLOCK_D": _decode_down_block_d()})
+                                    "BLOCK_D": decode.DOWN_BLOCK_D})
         yield from _expand("prefill.prefill_down_kernel", kernels, dtype,
                            {"h_ptr": ptr, "down_ptr": ptr, "out_ptr": ptr},
                            {"FP32_DOT": fp32_dot, "BLOCK_M": launcher.PREFILL_BLOCK_M})
         yield from _expand("decode.reduce_splits_kernel", kernels, dtype,
-                           {"part_ptr": "*fp32", "out_ptr": ptr}, {"BLOCK": 1024})
+                           {"part_ptr": "*fp32", "out_ptr": ptr}, {"BLOCK": launcher.REDUCE_SPLITS_BLOCK})
         yield from _expand("decode.gain_rows_kernel", kernels, dtype,
                            {"x_ptr": ptr, "gains_ptr": "*fp32", "out_ptr": ptr},
                            {"BF16_RNE_BY_HAND": False, "BLOCK": launcher.GAIN_ROWS_BLOCK})
-
-
-def _decode_down_block_d() -> int:
-    from . import decode
-
-    return decode.DOWN_BLOCK_D
 
 
 def _expand(name: str, kernels: dict, dtype: str, types: dict[str, str], constexprs: dict) -> Iterator[Variant]:
