@@ -15,7 +15,15 @@ Methods, timed per (tokens, personas in the batch, density) with ``triton.testin
 - ``ours_gains`` (decode sizes only): ``ours_scales`` with per-persona FFN input gains, which the
   kernels multiply into each token as they load it (checked against the oracle on tokens
   pre-multiplied by :func:`persona_kernels.reference.apply_input_gains`).
+- ``cuda``: the CUDA C++ backend (``persona_kernels.backends.cuda_backend``, auto path, caller-owned
+  output and workspace) on the same batch, when the extension is built and a GPU is present.
 - ``prepare``: :meth:`StepMeta.prepare` alone (once per step, shared by all layers).
+
+Configs run in priority order (:func:`config_order`): density 0.5 first, and within it the
+issue's target points (one token and 4,096 tokens at one persona, mixed batches of 4 and 32),
+so a time budget (``--budget-s``) that cuts the grid short keeps the numbers that matter. A
+config that fails (a check against the oracle, a CUDA error) is logged with its error and the
+run goes on; the exit status is 1 then.
 
 Each config is also checked against the oracle. Output (folder: ``--out``, else
 ``benchmarks.common.default_out_dir``, i.e. ``$OUT`` on the GPU machine): ``results.jsonl`` (one
@@ -32,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,7 +84,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
+def main() -> int:
+    """Run the grid; returns 1 when some config failed, else 0."""
     args = parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
@@ -98,20 +109,49 @@ def main() -> None:
     limits = _bandwidth_limits(device, bench)
     meta = {"dtype": str(dtype), "d": args.d, "d_ff": args.d_ff, "group_size": args.group_size, "limits_tbps": limits,
             "card": environment(device)["card"]}
-    rows = []
+    # `timeout` ends a step with SIGTERM: turn it into SystemExit so the table and plot still get written
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    rows, failures, last_s = [], 0, 0.0
     with JsonlWriter(out_dir / "results.jsonl", device=device) as log:
-        for density in args.densities:
-            for personas in args.personas:
-                for tokens in (t for t in args.tokens if t >= personas):
-                    if deadline.expired():
-                        print(f"budget spent: skipping T={tokens} P={personas} density={density}")
-                        continue
+        try:
+            for density, personas, tokens in config_order(args.densities, args.personas, args.tokens):
+                if deadline.expired(need=last_s):
+                    print(f"budget spent: skipping T={tokens} P={personas} density={density}")
+                    continue
+                started = time.monotonic()
+                try:
                     rows.append(_bench_config(args, weights, tokens, personas, density, bench))
                     log.write({**meta, **asdict(rows[-1])})
-    if rows:
-        _plot(rows, out_dir / "speedup.png")
-        print(_markdown(rows, meta))
-    print(f"\nwrote {out_dir}/results.jsonl and speedup.png")
+                except Exception as error:  # one bad config must not cost the others
+                    failures += 1
+                    print(f"FAILED T={tokens} P={personas} density={density}: {error!r}", flush=True)
+                    log.write({**meta, "tokens": tokens, "personas": personas, "density": density, "error": repr(error)})
+                    if device.type == "cuda" and "CUDA error" in repr(error):
+                        break  # a sticky CUDA error poisons every later launch in this process
+                last_s = time.monotonic() - started
+        finally:
+            if rows:
+                _plot(rows, out_dir / "speedup.png")
+                print(_markdown(rows, meta))
+    print(f"\nwrote {out_dir}/results.jsonl and speedup.png; {len(rows)} configs measured, {failures} failed")
+    return 1 if failures else 0
+
+
+def config_order(densities: list[float], personas: list[int], tokens: list[int]) -> list[tuple[float, int, int]]:
+    """Every ``(density, personas, tokens)`` with ``tokens >= personas``, most important first.
+
+    Density 0.5 (the issue's targets) before the others; within a density, the target points
+    (one persona at 1 and 4,096 tokens, then mixed batches) before the rest, fewer tokens first.
+    """
+    targets = [(1, 1), (1, 4096), (32, 64), (4, 16), (32, 256), (1, 64)]
+    grid = [(d, p, t) for d in densities for p in personas for t in tokens if t >= p]
+
+    def priority(config):
+        density, p, t = config
+        rank = targets.index((p, t)) if (p, t) in targets else len(targets)
+        return abs(density - 0.5), rank, p, t
+
+    return sorted(grid, key=priority)
 
 
 def _make_weights(d: int, d_ff: int, dtype, device) -> dict:
@@ -186,14 +226,20 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
 
     def ours_loop(x):
         for m, lo, hi in zip(loop_metas, bounds[:-1], bounds[1:]):
-            masked_ffn_triton(x[lo:hi], gu, dn, ids[lo:hi], bits, group_size=G, meta=m, out=out[lo:hi])
+            masked_ffn_triton(x[lo:hi], gu, dn, ids[lo:hi], bits, group_size=G, meta=m, out=out[lo:hi],
+                              path=choose_path(hi - lo, 1))  # one persona per launch
         return out
+
+    cuda_fn = _cuda_backend_fn(gu, dn, ids, bits, G, out, personas)
 
     x0 = xs.sets[0]
     plain, scaled = oracle(x0).float().clone(), oracle(x0, sliced_scaled).float().clone()
-    checks = [("decode path", plain, ("decode",)), ("prefill path", plain, ("prefill",)), ("scaled kernel", scaled, (None, True))]
-    for what, want, extra in checks:
-        err = (ours(x0, *extra).float() - want).abs().max().item()
+    checks = [("decode path", plain, ours, ("decode",)), ("prefill path", plain, ours, ("prefill",)),
+              ("scaled kernel", scaled, ours, (None, True))]
+    if cuda_fn is not None:
+        checks.append(("cuda backend", plain, cuda_fn, ()))
+    for what, want, fn, extra in checks:
+        err = (fn(x0, *extra).float() - want).abs().max().item()
         assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{what} disagrees with the oracle: {err:.3e}"
     gained = oracle(apply_input_gains(x0, gains, ids), sliced_scaled).float()
     err = (ours_gains(x0).float() - gained).abs().max().item()
@@ -206,6 +252,8 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     ms = {"dense": timed(dense), "oracle": timed(oracle), "ours": timed(ours), "ours_scales": timed(ours, None, True),
           "ours_loop": timed(ours_loop),
           "prepare": bench(lambda: meta.prepare(ids, bits))}
+    if cuda_fn is not None:
+        ms["cuda"] = timed(cuda_fn)
     if tokens <= args.forced_decode_max:
         ms["ours_decode"] = timed(ours, "decode")
         ms["ours_gains"] = timed(ours_gains)
@@ -219,6 +267,25 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     print(f"T={tokens:5d} P={personas:2d} density={density:.2f}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()),
           flush=True)
     return row
+
+
+def _cuda_backend_fn(gate_up, down_t, ids, bits, group_size: int, out, personas: int):
+    """``x -> out`` through the CUDA C++ backend with a preallocated workspace, or None where it cannot run."""
+    import torch
+
+    from persona_kernels.backends import cuda_backend
+
+    if gate_up.device.type != "cuda" or not cuda_backend.is_available():
+        return None
+    T, d = out.shape
+    nbytes = cuda_backend.workspace_bytes(T, d, gate_up.shape[0], personas, group_size, out.dtype, "auto")
+    workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=out.device)
+
+    def run(x):
+        return cuda_backend.masked_ffn(x, gate_up, down_t, ids, bits, None, group_size, "silu", out=out,
+                                       workspace=workspace)
+
+    return run
 
 
 def _bandwidth_limits(device, bench) -> dict[str, float | None]:
@@ -236,7 +303,8 @@ def _bandwidth_limits(device, bench) -> dict[str, float | None]:
 
 
 def _markdown(rows: list[Row], meta: dict) -> str:
-    methods = ["dense", "oracle", "ours", "ours_scales", "ours_gains", "ours_decode", "ours_prefill", "ours_loop", "prepare"]
+    methods = ["dense", "oracle", "ours", "ours_scales", "ours_gains", "ours_decode", "ours_prefill", "ours_loop", "cuda",
+               "prepare"]
     lines = [
         f"{meta['card']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}; "
         f"bandwidth limits (TB/s): {meta['limits_tbps']}",
@@ -268,9 +336,12 @@ def _plot(rows: list[Row], path: Path) -> None:
     densities = sorted({r.density for r in rows})
     fig, axes = plt.subplots(1, len(densities), figsize=(6 * len(densities), 4.5), squeeze=False)
     for ax, density in zip(axes[0], densities):
-        for method, style in (("oracle", ":"), ("ours", "-"), ("ours_loop", "--")):
+        for method, style in (("oracle", ":"), ("ours", "-"), ("ours_loop", "--"), ("cuda", "-.")):
             for personas in sorted({r.personas for r in rows}):
-                sel = [r for r in rows if r.density == density and r.personas == personas]
+                sel = sorted((r for r in rows if r.density == density and r.personas == personas and method in r.ms),
+                             key=lambda r: r.tokens)
+                if not sel:
+                    continue
                 ax.plot([r.tokens for r in sel], [r.ms["dense"] / r.ms[method] for r in sel], style, marker="o",
                         label=f"{method}, {personas} persona(s)")
         ax.axhline(1 / density, color="gray", lw=0.8)
@@ -281,4 +352,4 @@ def _plot(rows: list[Row], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

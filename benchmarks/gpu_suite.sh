@@ -99,7 +99,7 @@ else
 fi
 
 if [[ -f benchmarks/bench_gpu_kernels.py ]]; then
-  run_step kernels 70 150 bash -c "$PY benchmarks/bench_gpu_kernels.py ${SMOKE_FLAG[*]} --out '$WORK/kernels' --budget-s \$((STEP_BOX - 20))"
+  run_step kernels 70 150 bash -c "$PY benchmarks/bench_gpu_kernels.py ${SMOKE_FLAG[*]} --out '$WORK/kernels' --rep-ms 50 --budget-s \$((STEP_BOX - 20))"
 else
   printf 'kernels\tabsent\t0\t0\n' >> "$STATUS"
 fi

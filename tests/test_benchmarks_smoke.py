@@ -9,6 +9,8 @@ tokens equal ``model.generate``'s; the memory lines add up. Plus the shared help
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +174,24 @@ def test_common_helpers(tmp_path):
 def test_gpu_suite_script_parses():
     result = subprocess.run(["bash", "-n", str(REPO_ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_kernel_benchmark_smoke_runs_and_checks_every_config(tmp_path):
+    """``bench_gpu_kernels.py --smoke`` (Triton interpreter, tiny shapes): every config measured, none failed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_gpu_kernels.py"), "--smoke",
+                             "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["tokens"], r["personas"]) for r in rows] == [(1, 1), (40, 1), (40, 3)]  # priority order
+    assert all("error" not in r and {"dense", "oracle", "ours", "ours_loop", "ours_gains"} <= set(r["ms"]) for r in rows)
+    assert "dense/ours" in result.stdout  # the markdown table
+
+
+def test_kernel_benchmark_config_order_puts_targets_first():
+    from benchmarks.bench_gpu_kernels import config_order
+
+    order = config_order([0.25, 0.5, 0.75], [1, 4, 32], [1, 16, 64, 4096])
+    assert order[:4] == [(0.5, 1, 1), (0.5, 1, 4096), (0.5, 32, 64), (0.5, 4, 16)]
+    assert all(t >= p for _, p, t in order) and len(order) == len(set(order)) == 3 * (4 + 3 + 2)
+    assert {d for d, _, _ in order[:9]} == {0.5}
