@@ -9,8 +9,9 @@
 # use flows on to the next):
 #   env      nvidia-smi, versions
 #   build    pip install --no-build-isolation -e .   (CPU + CUDA extensions)
-#   tests    python -m pytest -m "not slow" on the files with GPU tests (test_triton, tests/gpu,
-#            test_masked_ffn, test_cuda_build, test_hf), stopped by SIGINT before its box ends
+#   tests    python -m pytest -m "not slow" on the files with GPU tests (tests/gpu first, then
+#            test_cuda_build, test_triton, test_masked_ffn, test_hf), one Triton config per kernel,
+#            stopped by SIGINT before its box ends
 #   kernels  benchmarks/bench_gpu_kernels.py          (kernel level, Triton engineer's; skipped if absent)
 #   switch   python -m benchmarks.serving.switch     (persona switch vs pre-sliced copy vs LoRA; graph checks)
 #   memory   python -m benchmarks.serving.memory     (bytes per persona)
@@ -92,10 +93,14 @@ if [[ $SMOKE == 1 ]]; then
 else
   run_step build 150 230 env MAX_JOBS="${MAX_JOBS:-16}" PERSONA_KERNELS_MAX_JOBS="${MAX_JOBS:-16}" \
     "$PY" -m pip install --no-build-isolation --no-deps -e .
-  # GPU-relevant files only (CI runs the rest), most important first; SIGINT before the box ends
-  # makes pytest stop and still print its failure summary.
-  run_step tests 75 185 bash -c "timeout --signal=INT \$((STEP_BOX - 8)) $PY -m pytest -q -p no:cacheprovider \
-    --maxfail=25 -rfE -m 'not slow' tests/test_triton.py tests/gpu tests/test_masked_ffn.py tests/test_cuda_build.py tests/test_hf.py"
+  # GPU-relevant files only (CI runs the rest): no-JIT CUDA tests first, then the real-shape and graph
+  # tests, then the small-shape matrices. One Triton config per kernel (no autotuning: a third of the
+  # compiles; the kernels benchmark autotunes and checks every config it picks). SIGINT before the
+  # box ends makes pytest stop and still print its failure summary.
+  run_step tests 75 185 bash -c "PERSONA_KERNELS_TRITON_AUTOTUNE=0 timeout --signal=INT \$((STEP_BOX - 8)) \
+    $PY -m pytest -q -p no:cacheprovider --maxfail=25 -rfE -m 'not slow' tests/gpu/test_cuda_kernels.py \
+    tests/test_cuda_build.py tests/gpu/test_triton_kernels.py tests/gpu/test_hf_backends.py tests/test_triton.py \
+    tests/test_masked_ffn.py tests/test_hf.py"
 fi
 
 if [[ -f benchmarks/bench_gpu_kernels.py ]]; then

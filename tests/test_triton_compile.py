@@ -87,6 +87,27 @@ def test_16bit_matmuls_use_tensor_cores_and_16_byte_copies(sm90_reports, dtype):
     assert gate_up and all(set(r["async_copy_bytes"]) == {"16"} for r in gate_up)
 
 
+def test_first_config_of_every_kernel_fits_sm90(sm90_reports):
+    """Without autotuning (PERSONA_KERNELS_TRITON_AUTOTUNE=0) each kernel runs its first config: it must fit."""
+    from persona_kernels.triton_kernels.compile_check import SHARED_LIMIT_BYTES
+
+    first = [r for r in sm90_reports if r["config_index"] == 0]
+    assert {r["kernel"] for r in first} == {r["kernel"] for r in sm90_reports}
+    assert [(r["kernel"], r["dtype"], r["shared_bytes"]) for r in first if r["shared_bytes"] > SHARED_LIMIT_BYTES[90]] == []
+
+
+def test_configs_without_autotuning_keep_the_first(monkeypatch):
+    from persona_kernels.triton_kernels import common
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "AUTOTUNE", False)
+    assert common.configs(["first", "second"], "interpreted") == ["first"]
+    monkeypatch.setattr(common, "AUTOTUNE", True)
+    assert common.configs(["first", "second"], "interpreted") == ["first", "second"]
+    monkeypatch.setattr(common, "INTERPRET", True)
+    assert common.configs(["first", "second"], "interpreted") == ["interpreted"]
+
+
 def _report(kernel: str, shared: int, ok: bool = True, block: int = 16):
     from persona_kernels.triton_kernels.compile_check import Report, Variant
 

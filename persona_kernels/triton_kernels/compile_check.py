@@ -47,6 +47,7 @@ class Variant:
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     num_stages: int
+    config_index: int = 0       # position in the kernel's autotuning list (0: the config used without autotuning)
 
     @property
     def family(self) -> str:
@@ -172,9 +173,9 @@ def variants(quick: bool = False) -> Iterator[Variant]:
 
 def _expand(name: str, kernels: dict, dtype: str, types: dict[str, str], constexprs: dict) -> Iterator[Variant]:
     kernel = kernels[name]
-    for config, num_warps, num_stages in _autotune_configs(kernel):
+    for index, (config, num_warps, num_stages) in enumerate(_autotune_configs(kernel)):
         consts = {**constexprs, **config}
-        yield Variant(name, dtype, _signature(kernel, types, consts), tuple(consts.items()), num_warps, num_stages)
+        yield Variant(name, dtype, _signature(kernel, types, consts), tuple(consts.items()), num_warps, num_stages, index)
 
 
 @dataclasses.dataclass
@@ -196,7 +197,7 @@ class Report:
         """A flat dict for JSON lines."""
         v = self.variant
         return {"kernel": v.kernel, "dtype": v.dtype, "constexprs": dict(v.constexprs), "num_warps": v.num_warps,
-                "num_stages": v.num_stages, "ok": self.ok, "error": self.error, "shared_bytes": self.shared_bytes,
+                "num_stages": v.num_stages, "config_index": v.config_index, "ok": self.ok, "error": self.error, "shared_bytes": self.shared_bytes,
                 "registers": self.registers, "spill_bytes": self.spill_bytes, "stack_bytes": self.stack_bytes,
                 "tensor_core": self.tensor_core, "async_copy_bytes": self.async_copy_bytes,
                 "seconds": round(self.seconds, 2)}
