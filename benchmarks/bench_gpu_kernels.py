@@ -23,7 +23,8 @@ Configs run in priority order (:func:`config_order`): density 0.5 first, and wit
 issue's target points (one token and 4,096 tokens at one persona, mixed batches of 4 and 32),
 so a time budget (``--budget-s``) that cuts the grid short keeps the numbers that matter. A
 config that fails (a check against the oracle, a CUDA error) is logged with its error and the
-run goes on; the exit status is 1 then.
+run goes on; a cuda backend that disagrees with the oracle loses only its column (the row's
+``errors``); the exit status is 1 after either.
 
 Each config is also checked against the oracle. Output (folder: ``--out``, else
 ``benchmarks.common.default_out_dir``, i.e. ``$OUT`` on the GPU machine): ``results.jsonl`` (one
@@ -43,7 +44,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,7 @@ class Row:
     kept_gb: float
     ours_tbps: float
     ours_tflops: float
+    errors: list[str] = field(default_factory=list)  # methods left out of the row, and why
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,6 +124,7 @@ def main() -> int:
                 try:
                     rows.append(_bench_config(args, weights, tokens, personas, density, bench))
                     log.write({**meta, **asdict(rows[-1])})
+                    failures += bool(rows[-1].errors)
                 except Exception as error:  # one bad config must not cost the others
                     failures += 1
                     print(f"FAILED T={tokens} P={personas} density={density}: {error!r}", flush=True)
@@ -236,11 +239,16 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     plain, scaled = oracle(x0).float().clone(), oracle(x0, sliced_scaled).float().clone()
     checks = [("decode path", plain, ours, ("decode",)), ("prefill path", plain, ours, ("prefill",)),
               ("scaled kernel", scaled, ours, (None, True))]
-    if cuda_fn is not None:
-        checks.append(("cuda backend", plain, cuda_fn, ()))
     for what, want, fn, extra in checks:
         err = (fn(x0, *extra).float() - want).abs().max().item()
         assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{what} disagrees with the oracle: {err:.3e}"
+    errors = []
+    if cuda_fn is not None:  # a wrong cuda backend costs its own column, not the Triton numbers
+        err = (cuda_fn(x0).float() - plain).abs().max().item()
+        if err > 0.02 * max(1.0, plain.abs().max().item()):
+            errors.append(f"cuda backend disagrees with the oracle: {err:.3e}")
+            print(f"T={tokens} P={personas} density={density}: {errors[-1]}", flush=True)
+            cuda_fn = None
     gained = oracle(apply_input_gains(x0, gains, ids), sliced_scaled).float()
     err = (ours_gains(x0).float() - gained).abs().max().item()
     assert err <= 0.02 * max(1.0, gained.abs().max().item()), f"kernel with input gains disagrees with the oracle: {err:.3e}"
@@ -263,7 +271,7 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     kept_bytes = union * d_ff * 3 * d * w_gate.element_size()
     flops = 2 * 3 * d * G * keep.sum(1)[ids.cpu()].sum().item()
     row = Row(tokens, personas, density, union, choose_path(tokens, personas), ms, kept_bytes / 1e9,
-              kept_bytes / (ms["ours"] * 1e-3) / 1e12, flops / (ms["ours"] * 1e-3) / 1e12)
+              kept_bytes / (ms["ours"] * 1e-3) / 1e12, flops / (ms["ours"] * 1e-3) / 1e12, errors)
     print(f"T={tokens:5d} P={personas:2d} density={density:.2f}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()),
           flush=True)
     return row

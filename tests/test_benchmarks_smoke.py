@@ -184,7 +184,8 @@ def test_kernel_benchmark_smoke_runs_and_checks_every_config(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["tokens"], r["personas"]) for r in rows] == [(1, 1), (40, 1), (40, 3)]  # priority order
-    assert all("error" not in r and {"dense", "oracle", "ours", "ours_loop", "ours_gains"} <= set(r["ms"]) for r in rows)
+    assert all("error" not in r and r["errors"] == [] and {"dense", "oracle", "ours", "ours_loop", "ours_gains"} <= set(r["ms"])
+               for r in rows)
     assert "dense/ours" in result.stdout  # the markdown table
 
 
