@@ -146,10 +146,10 @@ def _cuobjdump() -> Path | None:
     """cuobjdump from the toolkit, else the one Triton bundles."""
     candidates = [Path(NVCC).parent / "cuobjdump"] if NVCC else []
     try:
-        import triton
+        from triton import knobs
 
-        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    except ImportError:
+        candidates.append(Path(knobs.nvidia.cuobjdump.path))
+    except Exception:  # no triton, or one without its NVIDIA backend
         pass
     return next((c for c in candidates if c.is_file()), None)
 

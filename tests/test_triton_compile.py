@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) without a GPU, and every variant fits the card.
 
 The interpreter tests check what the kernels compute; these run Triton's real compiler and its
-bundled ptxas (``persona_kernels.triton_kernels.compile_check``) in a subprocess without
+bundled ptxas and cuobjdump (``persona_kernels.triton_kernels.compile_check``) in a subprocess without
 ``TRITON_INTERPRET``, so a kernel that only fails when lowered (a ``tl.dot`` shape, a type the
 interpreter accepts, a config no card can hold) fails here instead of on the first GPU.
 """
@@ -19,20 +19,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ptxas_missing() -> str | None:
+def _tools_missing() -> str | None:
     try:
         from triton import knobs
 
-        path = knobs.nvidia.ptxas.path
+        paths = [knobs.nvidia.ptxas.path, knobs.nvidia.cuobjdump.path]
     except Exception as error:  # triton without its NVIDIA backend
         return f"triton's NVIDIA backend is unavailable: {error}"
-    return None if path and os.path.exists(path) else "triton ships no ptxas here"
+    return None if all(p and os.path.exists(p) for p in paths) else "triton ships no ptxas or cuobjdump here"
 
 
 @pytest.fixture(scope="module")
 def sm90_reports(tmp_path_factory) -> list[dict]:
     """One JSON report per kernel variant, from a full ``compile_check --arch 90`` run."""
-    reason = _ptxas_missing()
+    reason = _tools_missing()
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("compile") / "sm90.jsonl"
@@ -48,7 +48,7 @@ def sm90_reports(tmp_path_factory) -> list[dict]:
 def test_every_variant_compiles_for_sm90(sm90_reports):
     failed = [(r["kernel"], r["dtype"], r["constexprs"], r["error"]) for r in sm90_reports if not r["ok"]]
     assert not failed
-    assert all(r["registers"] > 0 for r in sm90_reports), "ptxas reported no registers: its log format changed?"
+    assert all(r["registers"] > 0 for r in sm90_reports), "cuobjdump reported no registers: its format changed?"
 
 
 def test_every_kernel_is_checked(sm90_reports):
@@ -57,7 +57,7 @@ def test_every_kernel_is_checked(sm90_reports):
 
     defined = {f"{m.__name__.rsplit('.', 1)[-1]}.{name}" for m in (decode, prefill) for name in vars(m)
                if name.endswith("_kernel")}
-    assert defined == set(compile_check.KERNEL_NAMES)
+    assert defined == set(compile_check._kernels())
     assert {r["kernel"] for r in sm90_reports} == defined
 
 
@@ -68,7 +68,7 @@ def test_16bit_variants_fit_sm90_without_spills(sm90_reports, dtype):
 
     rows = [r for r in sm90_reports if r["dtype"] == dtype]
     assert rows
-    spilling = [(r["kernel"], r["constexprs"], r["spill_bytes"]) for r in rows if r["spill_bytes"] or r["stack_bytes"]]
+    spilling = [(r["kernel"], r["constexprs"], r["stack_bytes"]) for r in rows if r["stack_bytes"] or r["local_bytes"]]
     assert not spilling
     too_big = [(r["kernel"], r["constexprs"], r["shared_bytes"]) for r in rows if r["shared_bytes"] > SHARED_LIMIT_BYTES[90]]
     assert not too_big
@@ -111,7 +111,8 @@ def test_configs_without_autotuning_keep_the_first(monkeypatch):
 def _report(kernel: str, shared: int, ok: bool = True, block: int = 16):
     from persona_kernels.triton_kernels.compile_check import Report, Variant
 
-    variant = Variant(kernel, "bf16", (("x_ptr", "*bf16"),), (("BLOCK_T", 16), ("BLOCK_C", block)), 4, 3)
+    variant = Variant(kernel, "bf16", (("x_ptr", "*bf16"),), (("BLOCK_T", 16), ("BLOCK_C", block)), 4, 3,
+                      family=f"{kernel} bf16 {{'BLOCK_T': 16}}")
     return Report(variant, ok=ok, error="" if ok else "CompilationError: boom", shared_bytes=shared, registers=32)
 
 

@@ -90,10 +90,17 @@ def _t_class(n_tokens: int) -> int:
     return 0 if n_tokens < 512 else 1 if n_tokens < 4096 else 2
 
 
+def _precision_flags(dtype: torch.dtype) -> dict[str, bool]:
+    """Constexprs that depend on the dtype: exact fp32 dots (fp32, and bf16 under the interpreter,
+    whose bf16 ``tl.dot`` is wrong) and round-to-nearest-even bf16 casts by hand (the interpreter truncates)."""
+    interpreted_bf16 = INTERPRET and dtype == torch.bfloat16
+    return {"FP32_DOT": dtype == torch.float32 or interpreted_bf16, "BF16_RNE_BY_HAND": interpreted_bf16}
+
+
 def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, layer, out) -> None:
     T, d = x.shape
     d_ff = gate_up.shape[0]
-    fp32_dot = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
+    flags = _precision_flags(x.dtype)
     block_t = _token_block(T)
     t_blocks = triton.cdiv(T, block_t)
     union_ids, union_count = meta.union_ids[layer], meta.union_count[layer : layer + 1]
@@ -101,7 +108,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
         gained = torch.empty(T, d, dtype=x.dtype, device=x.device)
         decode.gain_rows_kernel[(T, triton.cdiv(d, GAIN_ROWS_BLOCK))](
             x, x.stride(0), meta.token_ids, gains, gained, d,
-            BF16_RNE_BY_HAND=INTERPRET and x.dtype == torch.bfloat16, BLOCK=GAIN_ROWS_BLOCK,
+            BF16_RNE_BY_HAND=flags["BF16_RNE_BY_HAND"], BLOCK=GAIN_ROWS_BLOCK,
         )
         x, gains = gained, None
     h = torch.empty(T, d_ff, dtype=x.dtype, device=x.device)
@@ -110,11 +117,11 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
         scales if scales is not None else bits, gains if gains is not None else bits,
         union_ids, union_count, h, h.stride(0), T, d, d_ff, group_size,
         ACT=act, HAS_SCALES=scales is not None, HAS_GAINS=gains is not None,
-        BF16_RNE_BY_HAND=INTERPRET and x.dtype == torch.bfloat16, FP32_DOT=fp32_dot, BLOCK_T=block_t,
+        **flags, BLOCK_T=block_t,
     )
     d_tiles = triton.cdiv(d, decode.DOWN_BLOCK_D)
     splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks * d_tiles), triton.cdiv(d_ff, 256)))
-    common = dict(FP32_DOT=fp32_dot, BLOCK_T=block_t, BLOCK_D=decode.DOWN_BLOCK_D)
+    common = dict(FP32_DOT=flags["FP32_DOT"], BLOCK_T=block_t, BLOCK_D=decode.DOWN_BLOCK_D)
     grid = (t_blocks, d_tiles, splits)
     if splits == 1:
         decode.decode_down_kernel[grid](
@@ -135,7 +142,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
 def _run_prefill(x, gate_up, down_t, scales, gains, group_size, act, meta, layer, out) -> None:
     T, d = x.shape
     d_ff = gate_up.shape[0]
-    fp32_dot = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
+    flags = _precision_flags(x.dtype)
     tiles = max_tiles(T, meta.max_slots, meta.block_m)
     slot_ids, slot_count = meta.slot_ids[layer], meta.slot_count[layer]
     h = torch.empty(T, d_ff, dtype=x.dtype, device=x.device)
@@ -146,13 +153,13 @@ def _run_prefill(x, gate_up, down_t, scales, gains, group_size, act, meta, layer
         scales if scales is not None else slot_count, gains if gains is not None else slot_count,
         h, h.stride(0), d, d_ff, group_size, t_class,
         ACT=act, HAS_SCALES=scales is not None, HAS_GAINS=gains is not None,
-        BF16_RNE_BY_HAND=INTERPRET and x.dtype == torch.bfloat16, FP32_DOT=fp32_dot, BLOCK_M=meta.block_m,
+        **flags, BLOCK_M=meta.block_m,
     )
     prefill.prefill_down_kernel[lambda m: (tiles, triton.cdiv(d, m["BLOCK_N"]))](
         h, h.stride(0), down_t, meta.token_order, meta.slot_start,
         meta.tile_slot, meta.tile_start, meta.n_tiles, slot_ids, slot_count, meta.n_groups,
         out, out.stride(0), d, d_ff, group_size, t_class,
-        FP32_DOT=fp32_dot, BLOCK_M=meta.block_m,
+        FP32_DOT=flags["FP32_DOT"], BLOCK_M=meta.block_m,
     )
 
 

@@ -4,7 +4,8 @@ The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, but it
 Triton's compiler: a ``tl.dot`` shape the tensor cores reject, a type error the interpreter lets
 through, a config that needs more shared memory than the card has, or register spills only
 appear when the kernels are lowered to PTX and assembled. This module does that lowering ahead
-of time, with Triton's own compiler and its bundled ``ptxas``, for each autotuning config the GPU
+of time, with Triton's own compiler and its bundled ``ptxas`` (resources read back from the
+cubin with its bundled ``cuobjdump``), for each autotuning config the GPU
 would try, with the argument types and alignment the launchers in
 :mod:`persona_kernels.backends.triton_backend` pass::
 
@@ -48,12 +49,7 @@ class Variant:
     num_warps: int
     num_stages: int
     config_index: int = 0       # position in the kernel's autotuning list (0: the config used without autotuning)
-
-    @property
-    def family(self) -> str:
-        """The autotuning family: the variants that differ only in their config."""
-        fixed = {k: v for k, v in self.constexprs if k in _LAUNCHER_CONSTEXPRS}
-        return f"{self.kernel} {self.dtype} {fixed}"
+    family: str = ""            # kernel, dtype and the launcher's constexprs: what its configs have in common
 
     @property
     def label(self) -> str:
@@ -65,30 +61,17 @@ class Variant:
         return f"{self.kernel.split('.')[-1]}{flags} {self.dtype} {shown} w{self.num_warps}s{self.num_stages}"
 
 
-_LAUNCHER_CONSTEXPRS = {"ACT", "HAS_SCALES", "HAS_GAINS", "BF16_RNE_BY_HAND", "FP32_DOT", "SPLIT", "BLOCK_T", "BLOCK_M", "T"}
-
-
 def _require_compiler_mode() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("compile_check needs the real Triton compiler: unset TRITON_INTERPRET and run it again")
 
 
-KERNEL_NAMES = (
-    "decode.decode_gate_up_kernel",
-    "decode.decode_down_kernel",
-    "decode.reduce_splits_kernel",
-    "decode.gain_rows_kernel",
-    "prefill.prefill_gate_up_kernel",
-    "prefill.prefill_down_kernel",
-)
-"""Every kernel of the decode and prefill modules, as ``module.name``."""
-
-
 def _kernels() -> dict:
+    """Every ``*_kernel`` of the decode and prefill modules, keyed ``module.name``."""
     from . import decode, prefill
 
-    modules = {"decode": decode, "prefill": prefill}
-    return {name: getattr(modules[name.split(".")[0]], name.split(".")[1]) for name in KERNEL_NAMES}
+    return {f"{module.__name__.rsplit('.', 1)[-1]}.{name}": kernel
+            for module in (decode, prefill) for name, kernel in vars(module).items() if name.endswith("_kernel")}
 
 
 def _jit_fn(kernel):
@@ -173,22 +156,24 @@ def variants(quick: bool = False) -> Iterator[Variant]:
 
 def _expand(name: str, kernels: dict, dtype: str, types: dict[str, str], constexprs: dict) -> Iterator[Variant]:
     kernel = kernels[name]
+    family = f"{name} {dtype} {constexprs}"
     for index, (config, num_warps, num_stages) in enumerate(_autotune_configs(kernel)):
         consts = {**constexprs, **config}
-        yield Variant(name, dtype, _signature(kernel, types, consts), tuple(consts.items()), num_warps, num_stages, index)
+        yield Variant(name, dtype, _signature(kernel, types, consts), tuple(consts.items()), num_warps, num_stages, index,
+                      family)
 
 
 @dataclasses.dataclass
 class Report:
-    """What compiling one variant gave: Triton's shared memory and ptxas's register and spill counts."""
+    """What compiling one variant gave: shared memory, registers, stack and local memory, MMA, copy widths."""
 
     variant: Variant
     ok: bool
     error: str = ""
     shared_bytes: int = 0
     registers: int = 0
-    spill_bytes: int = 0
-    stack_bytes: int = 0
+    stack_bytes: int = 0        # spills land here
+    local_bytes: int = 0
     tensor_core: str = ""       # "wgmma" (Hopper warpgroup MMA), "mma" (mma.sync) or "" (none)
     async_copy_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # cp.async width -> count
     seconds: float = 0.0
@@ -198,34 +183,27 @@ class Report:
         v = self.variant
         return {"kernel": v.kernel, "dtype": v.dtype, "constexprs": dict(v.constexprs), "num_warps": v.num_warps,
                 "num_stages": v.num_stages, "config_index": v.config_index, "ok": self.ok, "error": self.error, "shared_bytes": self.shared_bytes,
-                "registers": self.registers, "spill_bytes": self.spill_bytes, "stack_bytes": self.stack_bytes,
+                "registers": self.registers, "stack_bytes": self.stack_bytes, "local_bytes": self.local_bytes,
                 "tensor_core": self.tensor_core, "async_copy_bytes": self.async_copy_bytes,
                 "seconds": round(self.seconds, 2)}
 
 
-_PTXAS_PATTERNS = {
-    "registers": re.compile(r"Used (\d+) registers"),
-    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
-    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
-    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
-}
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
 
 
-def ptxas_resources(ptx: str, arch: int) -> dict[str, int]:
-    """Registers, stack frame and spill bytes that ``ptxas -v`` reports for ``ptx`` (Triton's bundled ptxas)."""
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """Registers, stack-frame and local-memory bytes of a compiled kernel (``cuobjdump -res-usage``;
+    spilled registers live in the stack frame)."""
     from triton import knobs
 
-    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as handle:
-            handle.write(ptx)
-        ptxas = knobs.nvidia.ptxas_blackwell if arch >= 100 else knobs.nvidia.ptxas  # as Triton's own build step
-        result = subprocess.run([ptxas.path, "-v", f"--gpu-name={gpu_name}", src, "-o", os.path.join(tmp, "k.o")],
-                                capture_output=True, text=True, check=True)
-    found = {key: sum(int(m) for m in pattern.findall(result.stderr)) for key, pattern in _PTXAS_PATTERNS.items()}
-    return {"registers": found["registers"], "stack_bytes": found["stack_bytes"],
-            "spill_bytes": found["spill_stores"] + found["spill_loads"]}
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+    registers, stack, local = (int(n) for n in _RESOURCES.search(usage).groups())
+    return {"registers": registers, "stack_bytes": stack, "local_bytes": local}
 
 
 _CP_ASYNC = re.compile(r"cp\.async\.\w+\.shared\.global \[[^\]]+\], \[[^\]]+\], (0x[0-9a-fA-F]+|\d+)")
@@ -260,7 +238,7 @@ def compile_variant(variant: Variant, arch: int) -> Report:
     try:
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
-        resources = ptxas_resources(compiled.asm["ptx"], arch)
+        resources = cubin_resources(compiled.asm["cubin"])
     except Exception as error:  # a compile failure is the finding: keep its first lines
         message = " | ".join(str(error).strip().splitlines()[:6])
         return Report(variant, ok=False, error=f"{type(error).__name__}: {message}", seconds=time.perf_counter() - start)
@@ -284,7 +262,7 @@ def check(arch: int = 90, quick: bool = False, jobs: int | None = None, progress
             if progress:
                 status = "ok" if report.ok else "FAILED"
                 print(f"[{i}/{len(todo)}] {status:6s} {report.variant.label} shared={report.shared_bytes} "
-                      f"regs={report.registers} spill={report.spill_bytes} tc={report.tensor_core or '-'}",
+                      f"regs={report.registers} stack={report.stack_bytes} tc={report.tensor_core or '-'}",
                       file=sys.stderr, flush=True)
     return reports
 
@@ -304,7 +282,7 @@ def problems(reports: list[Report], arch: int) -> list[str]:
 
 
 def warnings(reports: list[Report], arch: int) -> list[str]:
-    """Non-fatal findings: configs over the shared-memory limit (pruned by the autotuner), spills, stack frames."""
+    """Non-fatal findings: configs over the shared-memory limit (pruned by the autotuner), stack frames (spills)."""
     limit = SHARED_LIMIT_BYTES.get(arch)
     found = []
     for r in reports:
@@ -312,8 +290,8 @@ def warnings(reports: list[Report], arch: int) -> list[str]:
             continue
         if limit is not None and r.shared_bytes > limit:
             found.append(f"{r.variant.label}: {r.shared_bytes} bytes of shared memory > {limit} (autotuner skips it)")
-        if r.spill_bytes or r.stack_bytes:
-            found.append(f"{r.variant.label}: {r.spill_bytes} spill bytes, {r.stack_bytes} stack bytes")
+        if r.stack_bytes or r.local_bytes:
+            found.append(f"{r.variant.label}: {r.stack_bytes} stack bytes, {r.local_bytes} local bytes (spills)")
     return found
 
 
@@ -325,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: CPU count)")
     parser.add_argument("--json", default=None, help="write one JSON line per variant to this file")
     args = parser.parse_args(argv)
-    _require_compiler_mode()
     reports = check(args.arch, args.quick, args.jobs)
     if args.json:
         with open(args.json, "w") as handle:

@@ -47,7 +47,11 @@ def prefill_and_step(model, device: torch.device) -> tuple[torch.Tensor, torch.T
     return out.logits.float(), after.logits.float()
 
 
-def _check(backend: str, dtype: torch.dtype, device: torch.device) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_logits_equal_reference_backend(backend: str, dtype: torch.dtype) -> None:
+    require_backend(backend)
+    device = torch.device("cuda")
     oracle = prefill_and_step(attached("reference", torch.float32, device), device)
     got = prefill_and_step(attached(backend, dtype, device), device)
     if dtype == torch.float32:
@@ -61,10 +65,3 @@ def _check(backend: str, dtype: torch.dtype, device: torch.device) -> None:
         error = (g - o).abs().max().item()
         bound = 2 * (p - o).abs().max().item() + 2 * torch.finfo(dtype).eps * o.abs().max().item()
         assert error <= bound, f"{label}: {backend} {dtype} logit error {error:.3g} > {bound:.3g}"
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_logits_equal_reference_backend(backend: str, dtype: torch.dtype) -> None:
-    require_backend(backend)
-    _check(backend, dtype, torch.device("cuda"))

@@ -11,16 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import require_backend
 from test_triton import _backend, assert_matches_reference, make_inputs, run_poisoned
 
-pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.usefixtures("_triton_available")]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def _triton_available():
-    from conftest import require_backend
-
     require_backend("triton")
 
 
