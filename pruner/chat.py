@@ -36,7 +36,9 @@ def with_cache(past) -> dict:
 
 def returned_cache(output):
     """The key/value cache a Hugging Face forward returned."""
-    return output.past_key_values if getattr(output, "past_key_values", None) is not None else getattr(output, "cache")
+    if CACHE_KW == "cache":
+        return output.cache  # reading ``past_key_values`` there works but logs a deprecation warning
+    return output.past_key_values
 
 
 # One template for learning, evaluation and chat: a mask is only as good as the prompt it was learned under.

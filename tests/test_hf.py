@@ -7,7 +7,6 @@ Deselect them with ``-m "not slow"``.
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from persona_kernels.hf import (
 from persona_kernels.hf.attach import PersonaState, _forward_pre_hook, attachment
 from persona_kernels.reference import masked_ffn_reference
 from persona_kernels.step_meta import StepMeta
+from pruner.chat import returned_cache, with_cache
 
 G = 16
 ATOL = 2e-5
@@ -407,8 +407,7 @@ def test_one_step_meta_prepare_per_forward(monkeypatch: pytest.MonkeyPatch) -> N
         assert counter.calls == 1 and state.meta.n_tokens == 72 and state.meta.n_layers == 2
         meta = state.meta
         step = out.logits[:, -1:].argmax(-1)
-        cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-        model(input_ids=step, persona=["p1", "p3"], use_cache=True, **{cache_kw: out.past_key_values})
+        model(input_ids=step, persona=["p1", "p3"], use_cache=True, **with_cache(returned_cache(out)))
     assert counter.calls == 2 and state.meta is meta  # the decode step reuses the buffers
     torch.testing.assert_close(out.logits[:1], logits(model, prompt[:1], persona="p1"), atol=ATOL, rtol=1e-4)
 

@@ -13,13 +13,12 @@ in fp32 the logits agree to 1e-4 of their scale.
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
 from conftest import require_backend
 from persona_kernels.hf import attach_bank
+from pruner.chat import returned_cache, with_cache
 from test_hf import random_bank, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -42,8 +41,7 @@ def prefill_and_step(model, device: torch.device) -> tuple[torch.Tensor, torch.T
     prompt = torch.randint(3, 96, (len(ROWS), PROMPT_LEN), generator=torch.Generator().manual_seed(5)).to(device)
     out = model(input_ids=prompt, persona=ROWS, use_cache=True)
     step = out.logits[:, -1:].argmax(-1)
-    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    after = model(input_ids=step, persona=ROWS, use_cache=True, **{cache_kw: out.past_key_values})
+    after = model(input_ids=step, persona=ROWS, use_cache=True, **with_cache(returned_cache(out)))
     return out.logits.float(), after.logits.float()
 
 
