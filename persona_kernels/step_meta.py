@@ -74,7 +74,7 @@ class StepMeta:
 
     @property
     def max_slots(self) -> int:
-        """Most distinct personas one step can hold: ``min(n_personas, max_tokens)``."""
+        """Most distinct personas one step can hold: ``min(n_personas, max_tokens, max_slots asked at make)``."""
         return self.slot_persona.shape[0]
 
     @property
@@ -92,6 +92,7 @@ class StepMeta:
         n_layers: int = 1,
         block_m: int = 64,
         prefill: bool = True,
+        max_slots: int | None = None,
     ) -> "StepMeta":
         """Allocate the buffers once.
 
@@ -104,12 +105,18 @@ class StepMeta:
             block_m: prefill rows per tile (the prefill kernels' ``BLOCK_M``: 16, 32, 64 or 128).
             prefill: also keep per-persona kept lists (``n_layers * max_slots * n_groups`` int32);
                 a decode-only metadata object skips them.
+            max_slots: most distinct personas any step will carry (default: no bound beyond
+                ``min(n_personas, max_tokens)``). It bounds the prefill lists by the batch instead of
+                the bank; the caller must guarantee it (an attached model does: one persona per batch
+                row), since :meth:`prepare` cannot check it without a host sync.
         """
         if block_m not in (16, 32, 64, 128):
             raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
         if max_tokens < 1 or n_groups < 1 or n_personas < 1 or n_layers < 1:
             raise ValueError("max_tokens, n_groups, n_personas and n_layers must be positive")
-        slots = min(n_personas, max_tokens)
+        if max_slots is not None and max_slots < 1:
+            raise ValueError(f"max_slots must be positive, got {max_slots}")
+        slots = min(n_personas, max_tokens, max_slots or n_personas)
         tiles = max_tiles(max_tokens, slots, block_m)
 
         def buf(*shape: int) -> torch.Tensor:

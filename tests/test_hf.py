@@ -396,6 +396,23 @@ def test_switch_then_replay_reads_new_ids(backend: str, monkeypatch: pytest.Monk
     torch.testing.assert_close(after[1:], logits(model, ids[1:], persona="p3"), atol=ATOL, rtol=1e-4)
 
 
+def test_step_meta_slots_follow_batch_rows_not_the_bank() -> None:
+    """A step holds at most one persona per batch row, so the shared StepMeta's prefill lists are
+    sized by the row capacity (64 at attach), not by the bank (71 personas here); when a batch
+    outgrows the rows, the StepMeta is remade with room for every persona of the batch."""
+    model = small_attached("triton", n_personas=70)
+    state = attachment(model).state
+    logits(model, tokens(batch=2, seq=80).to(model.device), persona=["p1", "p70"])  # 160 tokens
+    assert state.meta.max_slots == PersonaState.DEFAULT_CAPACITY_ROWS == 64
+    # 132 tokens next: only the rows outgrow the buffers, so only the slot bound can remake the StepMeta
+    rows = [f"p{index + 1}" for index in range(66)]
+    batch = tokens(batch=66, seq=2).to(model.device)
+    out = logits(model, batch, persona=rows)
+    assert state.meta.max_slots >= 66
+    for b in (0, 40, 65):
+        torch.testing.assert_close(out[b : b + 1], logits(model, batch[b : b + 1], persona=rows[b]), atol=ATOL, rtol=1e-4)
+
+
 def test_one_step_meta_prepare_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton path: one shared StepMeta for every layer, prepared once per model forward (prefill and decode)."""
     model = small_attached("triton")

@@ -181,6 +181,34 @@ def test_step_meta_prepare_matches_python(T, P, block_m):
                 assert meta.slot_ids[layer, s, : meta.slot_count[layer, s].item()].tolist() == kept
 
 
+def test_step_meta_max_slots_bounds_lists_not_results():
+    """``max_slots`` shrinks the per-slot buffers to the step's persona bound and changes nothing a
+    step within the bound reads; a non-positive bound is refused."""
+    from persona_kernels.step_meta import StepMeta
+
+    L, n_groups, P, T = 2, 24, 50, 23
+    device = device_for("triton")
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.tensor([[3, 41, 7, 22][i % 4] for i in torch.randperm(T, generator=gen).tolist()]).to(device)
+    bits = keep_to_bits(torch.rand(L, P, n_groups, generator=gen) < 0.4).to(device)
+    free = StepMeta.make(T, n_groups, P, device, n_layers=L, block_m=16).prepare(ids, bits)
+    bounded = StepMeta.make(T, n_groups, P, device, n_layers=L, block_m=16, max_slots=4).prepare(ids, bits)
+    assert free.max_slots == T and bounded.max_slots == 4 and bounded.slot_ids.shape == (L, 4, n_groups)
+    n = 4
+    assert bounded.n_slots.item() == free.n_slots.item() == n
+    for name in ("token_ids", "token_order", "union_count"):
+        assert torch.equal(getattr(bounded, name), getattr(free, name)), name
+    assert torch.equal(bounded.slot_persona, free.slot_persona[:n])
+    assert torch.equal(bounded.slot_start[:n], free.slot_start[:n])
+    assert torch.equal(bounded.slot_ids, free.slot_ids[:, :n]) and torch.equal(bounded.slot_count, free.slot_count[:, :n])
+    tiles = free.n_tiles.item()
+    assert bounded.n_tiles.item() == tiles
+    assert torch.equal(bounded.tile_slot[:tiles], free.tile_slot[:tiles])
+    assert torch.equal(bounded.tile_start[:tiles], free.tile_start[:tiles])
+    with pytest.raises(ValueError, match="max_slots"):
+        StepMeta.make(T, n_groups, P, device, max_slots=0)
+
+
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_one_meta_serves_every_layer(path):
     """A StepMeta prepared with ``[L, P, W]`` bitmaps drives each layer's call by index."""

@@ -7,9 +7,10 @@ shape, 1/10/100 personas):
 - ``scales_table``: ``bank.scales_table(device)`` ``[L, P + 1, d_ff]`` float32, when every persona
   has per-channel scales: a separate line, because it is three orders of magnitude larger.
 - ``step_meta_decode`` / ``step_meta_prefill``: the Triton backend's per-step metadata
-  (:class:`persona_kernels.step_meta.StepMeta`) for the bank's persona count, with decode capacity
+  (:class:`persona_kernels.step_meta.StepMeta`) as an attached model sizes it, with decode capacity
   (64 tokens, no per-slot lists) and prefill capacity (4096 tokens: per-slot kept lists
-  ``[L, min(P + 1, T), n_groups]``); per model, not per persona, but it grows with P up to T.
+  ``[L, min(P + 1, T, rows), n_groups]``, rows = 64 batch rows, the attached model's initial
+  capacity, since a step holds one persona per row); per model, not per persona.
 - ``bank_file``: the safetensors bank (docs/FORMAT.md) serialised, with and without scales.
 - ``pruned_copy``: a persona's pre-sliced FFN (gate, up, down kept rows, every layer, bf16).
 - ``lora_r16``: a rank-16 LoRA on gate, up and down of every layer (A and B, bf16).
@@ -82,6 +83,7 @@ def pruned_copy_bytes(shape: ModelShape, density: float, dtype_bytes: int = 2) -
 def bench_memory(shape: ModelShape, personas: list[int], device: torch.device, density: float, group_size: int,
                  log: JsonlWriter, disk: bool = True, step_meta_tokens: tuple[int, int] = (64, 4096)) -> list[dict]:
     """Every line of the module docstring, for each persona count."""
+    from persona_kernels.hf.attach import PersonaState
     from persona_kernels.step_meta import StepMeta
 
     rows = []
@@ -102,9 +104,11 @@ def bench_memory(shape: ModelShape, personas: list[int], device: torch.device, d
         line("scales_table", n, scale_bytes, method, scale_nbytes, "[L, P+1, d_ff] float32")
         for tokens, prefill in ((step_meta_tokens[0], False), (step_meta_tokens[1], True)):
             meta_bytes, meta_nbytes, method = measure(
-                lambda: StepMeta.make(tokens, n_groups, n + 1, device, n_layers=shape.layers, prefill=prefill), device)
+                lambda: StepMeta.make(tokens, n_groups, n + 1, device, n_layers=shape.layers, prefill=prefill,
+                                      max_slots=PersonaState.DEFAULT_CAPACITY_ROWS), device)
             line(f"step_meta_{'prefill' if prefill else 'decode'}", n, meta_bytes, method, meta_nbytes,
-                 f"StepMeta capacity {tokens} tokens, prefill lists {prefill}; per model, grows with min(P+1, T)")
+                 f"StepMeta capacity {tokens} tokens, prefill lists {prefill}; per model, slots min(P+1, T, "
+                 f"{PersonaState.DEFAULT_CAPACITY_ROWS} rows)")
         if disk:
             from safetensors.torch import save as safetensors_save
 

@@ -75,10 +75,13 @@ class PersonaState(nn.Module):
     STAGING_SLOTS = 4
     """Pinned host staging rows on CUDA: a slot is reused only after its previous copy ran."""
 
+    DEFAULT_CAPACITY_ROWS = 64
+    """Batch rows the buffers hold before they first grow; also the StepMeta's persona slots."""
+
     def __init__(
         self,
         device: torch.device | str = "cpu",
-        capacity_rows: int = 64,
+        capacity_rows: int = DEFAULT_CAPACITY_ROWS,
         capacity_tokens: int = 4096,
         keep_bits: torch.Tensor | None = None,
         n_groups: int = 0,
@@ -145,17 +148,27 @@ class PersonaState(nn.Module):
             self._buffers["token_ids_buffer"] = _grown(self._tokens, tokens)
         if self._rows is not self._buffers["row_ids"] or self._tokens is not self._buffers["token_ids_buffer"]:
             self._bind()
-        if self.use_meta and tokens > 0:
+        if self.use_meta and (tokens > 0 or self.meta is not None):
             self._ensure_meta(tokens)
 
     def _ensure_meta(self, tokens: int) -> StepMeta:
+        """The shared ``StepMeta``, remade when a forward needs more tokens (doubling) or the row
+        capacity outgrew its persona slots. A step holds at most one persona per batch row, so
+        slots are bounded by the row capacity, not by the bank's persona count."""
         meta = self.meta
-        if meta is None or meta.max_tokens < tokens:
+        n_personas = self.keep_bits.shape[1]
+        rows = self._rows.numel()
+        if meta is None or meta.max_tokens < tokens or meta.max_slots < min(n_personas, rows, meta.max_tokens):
             from ..backends.triton_backend import PREFILL_BLOCK_M
 
-            capacity = tokens if meta is None else max(tokens, 2 * meta.max_tokens)
-            meta = StepMeta.make(capacity, self.n_groups, self.keep_bits.shape[1], self._rows.device,
-                                 n_layers=self.keep_bits.shape[0], block_m=PREFILL_BLOCK_M, prefill=True)
+            if meta is None:
+                capacity = tokens
+            elif tokens > meta.max_tokens:
+                capacity = max(tokens, 2 * meta.max_tokens)
+            else:
+                capacity = meta.max_tokens
+            meta = StepMeta.make(capacity, self.n_groups, n_personas, self._rows.device, n_layers=self.keep_bits.shape[0],
+                                 block_m=PREFILL_BLOCK_M, prefill=True, max_slots=rows)
             self.__dict__["meta"] = meta
         return meta
 
