@@ -131,7 +131,8 @@ def _answer(model, tokenizer, messages, args, persona_id) -> tuple[str, int, flo
 
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                  repetition_penalty=args.repetition_penalty)
     if args.sample:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:
@@ -152,6 +153,8 @@ def cmd_chat(args) -> int:
     from .hf.attach import attach_bank
     from .prompting import persona_system_prompt
 
+    if args.repetition_penalty <= 0:
+        raise CLIError(f"--repetition-penalty must be positive (1 = off), got {args.repetition_penalty}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     personas = read_personas(args)
@@ -242,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.2,
+                   help="divide the logits of tokens already in the text by this (1 = off); small models loop without it")
     p.add_argument("--seed", type=int)
     p.add_argument("--backend", help="masked FFN backend (default: the dispatcher's choice)")
     p.set_defaults(func=cmd_chat)
