@@ -156,6 +156,38 @@ def test_correlated_masks_have_exact_density_and_overlap_ordering():
     assert unions[0] > unions[1] > unions[2] == 0.5
 
 
+def test_overlap_union_curve_and_pair_overlap_on_known_masks():
+    """Identical masks stream their own density at any batch; disjoint ones add up."""
+    from benchmarks.serving.overlap import pair_overlap, union_curve
+
+    gen = torch.Generator().manual_seed(0)
+    same = torch.zeros(4, 2, 16, dtype=torch.bool)
+    same[:, :, :4] = True
+    disjoint = torch.zeros(4, 2, 16, dtype=torch.bool)
+    for p in range(4):
+        disjoint[p, :, 4 * p : 4 * p + 4] = True
+    assert [r["union_density"] for r in union_curve(same, [1, 2, 4, 8], 5, gen)] == [0.25, 0.25, 0.25]
+    assert [r["union_density"] for r in union_curve(disjoint, [1, 2, 4], 5, gen)] == [0.25, 0.5, 1.0]
+    assert pair_overlap(same) == 1.0 and pair_overlap(disjoint) == 0.0
+
+
+def test_overlap_script_on_a_bank_file(tmp_path, capsys):
+    from benchmarks.serving.models import SHAPES, make_bank
+    from benchmarks.serving.overlap import main
+
+    bank_path = tmp_path / "bank.safetensors"
+    make_bank(SHAPES["tiny"], 6, density=0.5, group_size=16, overlap=0.9, seed=0).save(bank_path)
+    assert main([str(bank_path), "--sizes", "1", "2", "4", "--draws", "20", "--out", str(tmp_path)]) == 0
+    rows = common.read_jsonl(tmp_path / "overlap.jsonl")
+    assert len(rows) == 6 and {r["masks"].split(":")[0].split(",")[0] for r in rows} == {"bank", "synthetic"}
+    for row in rows:
+        assert row["union_min"] <= row["union_density"] <= row["union_max"] <= 1.0
+        assert row["ffn_speedup_bound"] == pytest.approx(1 / row["union_density"])
+    assert "union density" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="at least 2 personas"):
+        main([str(bank_path), "--method", "no-such-method", "--out", str(tmp_path)])
+
+
 def test_common_helpers(tmp_path):
     timing = common.summarize([5.0, 1.0, 3.0, 2.0, 4.0], "us")
     assert (timing.median, timing.p20, timing.p80, timing.n) == (3.0, 2.0, 4.0, 5)
