@@ -99,6 +99,25 @@ def test_persona_cases(backend, dtype, T, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [3, 80])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_views_and_strided_tokens(backend, dtype, T):
+    """Weights as callers often hold them (gate/up rows of one ``[2, d_ff, d]`` tensor, the down
+    projection's transpose) and tokens with a row stride: a backend that copies the weights must keep
+    both copies alive until its kernels have read them (the second copy must not land on the first)."""
+    require_backend(backend)
+    d, d_ff, G = 40, 96, 16
+    inputs = make_inputs(T, d, d_ff, G, "mixed_scales", dtype, device_for(backend), _seed("views", dtype, T))
+    inputs["gate_up"] = inputs["gate_up"].transpose(0, 1).contiguous().transpose(0, 1)
+    inputs["down_t"] = inputs["down_t"].t().contiguous().t()
+    wide = torch.full((T, d + 8), float("nan"), dtype=dtype, device=inputs["x"].device)
+    wide[:, :d] = inputs["x"]
+    inputs["x"] = wide[:, :d]
+    assert not inputs["gate_up"].is_contiguous() and not inputs["down_t"].is_contiguous()
+    check_against_reference(backend, inputs, G)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("G", [1, 16, 64])
 @pytest.mark.parametrize("d,d_ff", [(16, 64), (40, 96), (64, 192)])
 @pytest.mark.parametrize("T", [1, 16])

@@ -100,6 +100,9 @@ def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, a
         return out
     if x.stride(1) != 1 or (num_tokens > 1 and x.stride(0) < d_model):
         x = x.contiguous()
+    # Copies must be bound to names: a temporary's memory is freed (and may be reused by the next
+    # copy on this stream) before the kernels below read it.
+    gate_up, down_t = gate_up.contiguous(), down_t.contiguous()
     ids = persona_ids.to(torch.int32).contiguous()
     bits = keep_bits.contiguous()
     scales_f32 = None if scales is None else scales.to(device=x.device, dtype=torch.float32).contiguous()
@@ -110,7 +113,7 @@ def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, a
         raise ValueError(f"workspace must be a uint8 tensor of at least {needed} bytes on {x.device}")
     with torch.cuda.device(x.device):
         _cuda.masked_ffn(
-            x.data_ptr(), gate_up.contiguous().data_ptr(), down_t.contiguous().data_ptr(),
+            x.data_ptr(), gate_up.data_ptr(), down_t.data_ptr(),
             ids.data_ptr(), bits.data_ptr(), 0 if scales_f32 is None else scales_f32.data_ptr(),
             out.data_ptr(), workspace.data_ptr(), workspace.numel(),
             num_tokens, d_model, d_ff, num_personas, group_size,
