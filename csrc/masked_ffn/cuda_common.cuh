@@ -142,12 +142,13 @@ __device__ __forceinline__ int block_exclusive_sum(int value, int* scratch, int*
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Blocks of `kernel` (launched with `threads` threads, static shared memory only) resident at
+// Blocks of `Kernel` (launched with `threads` threads, static shared memory only) resident at
 // once on the whole device: the size of a persistent grid that runs in a single wave. The
-// per-SM figure is cached per kernel and device, so later calls (and graph captures) make no
-// occupancy query.
-template <typename Kernel>
-cudaError_t resident_grid(Kernel kernel, int threads, int sm_count, int* blocks) {
+// per-SM figure is cached per kernel and device (the kernel is a template argument, so each
+// kernel has its own cache, even kernels of one signature), so later calls (and graph captures)
+// make no occupancy query.
+template <auto Kernel>
+cudaError_t resident_grid(int threads, int sm_count, int* blocks) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices];  // static storage: zero-initialised
   int device = 0;
@@ -155,7 +156,7 @@ cudaError_t resident_grid(Kernel kernel, int threads, int sm_count, int* blocks)
   if (code != cudaSuccess) return code;
   int per_sm = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) : 0;
   if (per_sm == 0) {
-    code = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+    code = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, 0);
     if (code != cudaSuccess) return code;
     per_sm = per_sm > 0 ? per_sm : 1;
     if (device < kMaxDevices) cached[device].store(per_sm, std::memory_order_relaxed);

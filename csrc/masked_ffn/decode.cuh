@@ -212,7 +212,7 @@ __global__ void cast_output_kernel(const DecodeArgs<T> a) {
 template <typename T, int VEC, int TT>
 CudaStatus launch_decode_kernels(const DecodeArgs<T>& a, int sm_count, cudaStream_t stream, std::string* error) {
   int resident = 0;
-  PK_CUDA_TRY(resident_grid(decode_gate_up_kernel<T, VEC, TT>, kGateUpThreads, sm_count, &resident));
+  PK_CUDA_TRY((resident_grid<decode_gate_up_kernel<T, VEC, TT>>(kGateUpThreads, sm_count, &resident)));
   const int gate_up_blocks = std::max(1, std::min(ceil_div(a.d_ff, kGateUpThreads / 32), resident));
   decode_gate_up_kernel<T, VEC, TT><<<gate_up_blocks, kGateUpThreads, 0, stream>>>(a);
   PK_CUDA_CHECK_LAUNCH("decode_gate_up_kernel");

@@ -329,8 +329,10 @@ CudaStatus launch_prefill(const MaskedFFNParams& p, const WorkspaceLayout& layou
   const auto gate_up_kernel = vector ? prefill_gate_up_kernel<T, true> : prefill_gate_up_kernel<T, false>;
   const auto down_kernel = vector ? prefill_down_kernel<T, true> : prefill_down_kernel<T, false>;
   int gate_up_resident = 0, down_resident = 0;
-  PK_CUDA_TRY(resident_grid(gate_up_kernel, kPrefillThreads, sm_count, &gate_up_resident));
-  PK_CUDA_TRY(resident_grid(down_kernel, kPrefillThreads, sm_count, &down_resident));
+  PK_CUDA_TRY((vector ? resident_grid<prefill_gate_up_kernel<T, true>>(kPrefillThreads, sm_count, &gate_up_resident)
+                      : resident_grid<prefill_gate_up_kernel<T, false>>(kPrefillThreads, sm_count, &gate_up_resident)));
+  PK_CUDA_TRY((vector ? resident_grid<prefill_down_kernel<T, true>>(kPrefillThreads, sm_count, &down_resident)
+                      : resident_grid<prefill_down_kernel<T, false>>(kPrefillThreads, sm_count, &down_resident)));
   const int gate_up_blocks = static_cast<int>(std::min<int64_t>(capacity * gate_up_col_tiles, gate_up_resident));
   const int down_blocks = static_cast<int>(std::min<int64_t>(capacity * down_col_tiles, down_resident));
   gate_up_kernel<<<gate_up_blocks, kPrefillThreads, 0, stream>>>(a, gate_up_col_tiles);
