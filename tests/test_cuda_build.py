@@ -95,6 +95,7 @@ def test_workspace_is_a_function_of_sizes_only(cuda_ext):
         (dict(workspace=(7 << 20) + 64), "256-byte aligned"),
         (dict(num_tokens=-1), ">= 0"),
         (dict(path="prefill", dtype="float32"), "prefill path supports float16/bfloat16"),
+        (dict(path="decode", d_model=8388481, x_row_stride=8388481, out_row_stride=8388481), "d_model up to 8388480"),
     ],
 )
 def test_bad_arguments_raise_value_error(cuda_ext, overrides, message):

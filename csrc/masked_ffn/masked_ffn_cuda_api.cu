@@ -56,6 +56,11 @@ CudaStatus check_params(const MaskedFFNParams& p, const MaskedFFNCudaConfig& con
   if (path == CudaPath::kPrefill && p.num_words > kCudaMaxWords)
     return invalid(error, "the prefill path supports at most " + std::to_string(kCudaMaxWords * 32) +
                               " groups per layer, got " + std::to_string(n_groups));
+  // The decode down kernel puts column blocks of 128 threads on grid.y (at most 65535 blocks).
+  constexpr int64_t kMaxDecodeDModel = 65535LL * 128;
+  if (path == CudaPath::kDecode && p.d_model > kMaxDecodeDModel)
+    return invalid(error, "the decode path supports d_model up to " + std::to_string(kMaxDecodeDModel) + ", got " +
+                              std::to_string(p.d_model));
   const size_t needed = plan_workspace(p, path).total;
   if (config.workspace == nullptr || config.workspace_bytes < needed)
     return invalid(error, std::string("workspace is ") +
