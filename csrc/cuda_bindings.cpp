@@ -148,10 +148,11 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("dtype"), py::arg("path") = "auto", "Device workspace bytes masked_ffn needs (host-only).");
   m.def(
       "resolve_path",
-      [](int64_t num_tokens, const std::string& dtype, const std::string& path) {
-        return path_name(masked_ffn_cuda_resolve_path(shape_params(num_tokens, 0, 0, 0, 1, dtype), parse_path(path)));
+      [](int64_t num_tokens, const std::string& dtype, const std::string& path, int64_t n_groups) {
+        return path_name(masked_ffn_cuda_resolve_path(shape_params(num_tokens, 0, n_groups, 0, 1, dtype), parse_path(path)));
       },
-      py::arg("num_tokens"), py::arg("dtype"), py::arg("path") = "auto", "Which path ('decode'/'prefill') runs.");
+      py::arg("num_tokens"), py::arg("dtype"), py::arg("path") = "auto", py::arg("n_groups") = 0,
+      "Which path ('decode'/'prefill') runs for a layer of n_groups channel groups.");
   m.def("device_count", &device_count, "CUDA devices visible to this module's runtime (0 without driver).");
   m.def("build_info", &build_info, "CUDA version, target archs and limits this module was built with.");
 }

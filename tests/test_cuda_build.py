@@ -77,6 +77,12 @@ def test_workspace_is_a_function_of_sizes_only(cuda_ext):
     assert cuda_ext.resolve_path(1, "bfloat16") == "decode"
     assert cuda_ext.resolve_path(4096, "bfloat16") == "prefill"
     assert cuda_ext.resolve_path(4096, "float32") == "decode"
+    # more groups than the prefill path holds (73728 groups of 1): auto falls back to decode
+    wide = (4096, 64, 73728, 3, 1, "bfloat16")
+    assert cuda_ext.resolve_path(4096, "bfloat16", "auto", 73728) == "decode"
+    assert cuda_ext.resolve_path(4096, "bfloat16", "auto", 65536) == "prefill"
+    assert cuda_ext.workspace_bytes(*wide, "auto") == cuda_ext.workspace_bytes(*wide, "decode")
+    assert cuda_ext.workspace_bytes(*wide, "auto") != cuda_ext.workspace_bytes(*wide, "prefill")
 
 
 @pytest.mark.parametrize(

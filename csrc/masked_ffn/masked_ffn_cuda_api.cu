@@ -92,6 +92,7 @@ CudaStatus check_device(int* sm_count, std::string* error) {
 CudaPath masked_ffn_cuda_resolve_path(const MaskedFFNParams& params, CudaPath path) {
   if (path != CudaPath::kAuto) return path;
   if (params.dtype == DType::kFloat32 || params.num_tokens <= kCudaDecodeMaxTokens) return CudaPath::kDecode;
+  if (params.num_words > kCudaMaxWords) return CudaPath::kDecode;  // more groups than the prefill prefix holds
   return CudaPath::kPrefill;
 }
 

@@ -52,10 +52,11 @@ def build_info() -> dict:
     return dict(_cuda.build_info())
 
 
-def resolve_path(num_tokens: int, dtype: torch.dtype, path: str | None = None) -> str:
-    """The kernel path (``"decode"`` or ``"prefill"``) a call with these arguments runs."""
+def resolve_path(num_tokens: int, dtype: torch.dtype, path: str | None = None, n_groups: int = 0) -> str:
+    """The kernel path (``"decode"`` or ``"prefill"``) a call with these arguments runs on a layer
+    of ``n_groups`` channel groups (``auto`` keeps decode past the prefill path's group limit)."""
     _require_module()
-    return _cuda.resolve_path(num_tokens, _dtype_name(dtype), _path_name(path))
+    return _cuda.resolve_path(num_tokens, _dtype_name(dtype), _path_name(path), n_groups)
 
 
 def workspace_bytes(num_tokens: int, d_model: int, d_ff: int, num_personas: int, group_size: int,
