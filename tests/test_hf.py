@@ -413,6 +413,22 @@ def test_step_meta_slots_follow_batch_rows_not_the_bank() -> None:
         torch.testing.assert_close(out[b : b + 1], logits(model, batch[b : b + 1], persona=rows[b]), atol=ATOL, rtol=1e-4)
 
 
+def test_step_meta_follows_rows_grown_under_another_backend() -> None:
+    """Rows that grow while another backend runs must not leave the kept StepMeta too small for
+    the batch when the model switches back to Triton."""
+    require_backend("cpu")
+    model = small_attached("triton", n_personas=70)
+    state = attachment(model).state
+    logits(model, tokens(batch=2, seq=80).to(model.device), persona=["p1", "p70"])  # StepMeta with 64 slots
+    set_backend(model, "cpu")
+    rows = [f"p{index + 1}" for index in range(66)]
+    batch = tokens(batch=66, seq=1).to(model.device)
+    on_cpu = logits(model, batch, persona=rows)  # the rows grow to 128 here
+    set_backend(model, "triton")
+    torch.testing.assert_close(logits(model, batch, persona=rows), on_cpu, atol=ATOL, rtol=1e-4)
+    assert state.meta.max_slots >= 66
+
+
 def test_one_step_meta_prepare_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton path: one shared StepMeta for every layer, prepared once per model forward (prefill and decode)."""
     model = small_attached("triton")

@@ -148,8 +148,8 @@ class PersonaState(nn.Module):
             self._buffers["token_ids_buffer"] = _grown(self._tokens, tokens)
         if self._rows is not self._buffers["row_ids"] or self._tokens is not self._buffers["token_ids_buffer"]:
             self._bind()
-        if self.use_meta and (tokens > 0 or self.meta is not None):
-            self._ensure_meta(tokens)
+        if self.meta is not None or (self.use_meta and tokens > 0):
+            self._ensure_meta(tokens)  # also while another backend runs: its slots must cover the rows when Triton is back
 
     def _ensure_meta(self, tokens: int) -> StepMeta:
         """The shared ``StepMeta``, remade when a forward needs more tokens (doubling) or the row
