@@ -9,6 +9,8 @@ CUDA graphs. Kernels run on CUDA tensors, or on CPU tensors through the Triton i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..masks import num_words
@@ -244,11 +246,19 @@ def masked_ffn_triton(
             raise ValueError(f"input_gains must be [{keep_bits.shape[0]}, {d}], got {tuple(input_gains.shape)}")
         input_gains = input_gains.to(torch.float32).contiguous()
     act = ACTIVATION_CODES[activation]
-    if path == "decode":
-        _run_decode(x, gate_up, down_t, bits, scales, input_gains, group_size, act, meta, layer, out)
-    else:
-        _run_prefill(x, gate_up, down_t, scales, input_gains, group_size, act, meta, layer, out)
+    with _on_device(x.device):  # Triton launches on the current device, whatever the tensors' device
+        if path == "decode":
+            _run_decode(x, gate_up, down_t, bits, scales, input_gains, group_size, act, meta, layer, out)
+        else:
+            _run_prefill(x, gate_up, down_t, scales, input_gains, group_size, act, meta, layer, out)
     return out
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for the launches (a no-op when it already is, or on the interpreter)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, *,
