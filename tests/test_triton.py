@@ -237,3 +237,18 @@ def test_launcher_rejects_mismatched_meta_and_out():
         be.masked_ffn_triton(x[:3], gate_up, down_t, ids[:3], bits, group_size=16, meta=decode_only)
     with pytest.raises(ValueError, match="out must be"):
         be.masked_ffn_triton(x, gate_up, down_t, ids, bits, group_size=16, out=torch.empty(4, 31))
+
+
+def test_autotuner_timer_refuses_inside_a_graph_capture(monkeypatch):
+    """Every autotuned kernel times its configs with ``time_configs``, which names the fix instead of
+    letting a device sync break a CUDA-graph capture."""
+    from persona_kernels.triton_kernels import common, decode, prefill
+
+    tuned = [decode.decode_gate_up_kernel, decode.decode_down_kernel, prefill.prefill_gate_up_kernel,
+             prefill.prefill_down_kernel]
+    assert all(kernel._do_bench is common.time_configs for kernel in tuned)
+    monkeypatch.setattr(common, "_capturing", lambda: True)
+    calls = []
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture.*eager step"):
+        common.time_configs(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8))
+    assert not calls, "no config may run inside the capture"

@@ -31,6 +31,30 @@ def configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton
     return gpu if AUTOTUNE else gpu[:1]
 
 
+def time_configs(kernel_call, quantiles):
+    """The autotuner's timer (``triton.autotune(do_bench=...)``): Triton's own benchmarker, except
+    inside a CUDA-graph capture, where timing (it synchronises the device) would break the capture.
+
+    Raises ``RuntimeError`` there, naming the fix: a kernel meets an untuned shape class while a
+    graph is captured only when no eager step ran at that shape first.
+    """
+    if _capturing():
+        raise RuntimeError(
+            "persona_kernels: a Triton kernel met a new shape class inside a CUDA-graph capture, where its "
+            "configs cannot be timed (timing synchronises the device). Run one eager step at each batch "
+            "shape before capturing it, or set PERSONA_KERNELS_TRITON_AUTOTUNE=0 (one fixed config per kernel)."
+        )
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def _capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 @triton.jit
 def activate(z, ACT: tl.constexpr):
     """``silu(z)`` (ACT 0) or tanh-GELU (ACT 1), in fp32; ``0.5 (1 + tanh(u)) = sigmoid(2u)``."""

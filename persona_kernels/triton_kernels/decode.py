@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, activate, configs, gain_tokens, mma
+from .common import INTERPRET, activate, configs, gain_tokens, mma, time_configs
 
 DOWN_BLOCK_D = 32 if INTERPRET else 128
 """Output columns per program of the down kernel (fixed: the launcher sizes the split count by it)."""
@@ -41,6 +41,7 @@ DOWN_BLOCK_D = 32 if INTERPRET else 128
         triton.Config({"BLOCK_C": 32, "BLOCK_D": 32}),
     ),
     key=["d", "d_ff", "BLOCK_T"],
+    do_bench=time_configs,
 )
 @triton.jit
 def decode_gate_up_kernel(
@@ -71,6 +72,7 @@ def decode_gate_up_kernel(
     channel = (group * G + j % G).to(tl.int64)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
+    t_row = t.to(tl.int64)  # row offsets in int64: a strided x (a slice of a larger tensor) passes 2^31 elements
     persona = tl.load(token_ids_ptr + t, mask=t_ok, other=0)
 
     w_row = gate_up_ptr + channel[None, :] * (2 * d)
@@ -79,7 +81,7 @@ def decode_gate_up_kernel(
     for k0 in range(0, d, BLOCK_D):
         k = k0 + tl.arange(0, BLOCK_D)
         k_ok = k < d
-        xa = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        xa = tl.load(x_ptr + t_row[:, None] * stride_xt + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_GAINS:
             gain = tl.load(gains_ptr + persona[:, None].to(tl.int64) * d + k[None, :],
                            mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -96,7 +98,7 @@ def decode_gate_up_kernel(
     if HAS_SCALES:
         s_ok = t_ok[:, None] & j_ok[None, :]
         h *= tl.load(scales_ptr + persona[:, None].to(tl.int64) * d_ff + channel[None, :], mask=s_ok, other=0.0)
-    tl.store(h_ptr + t[:, None] * stride_ht + j[None, :], h.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & j_ok[None, :])
+    tl.store(h_ptr + t_row[:, None] * stride_ht + j[None, :], h.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & j_ok[None, :])
 
 
 @triton.autotune(
@@ -109,6 +111,7 @@ def decode_gate_up_kernel(
         triton.Config({"BLOCK_K": 32}),
     ),
     key=["d", "d_ff", "BLOCK_T"],
+    do_bench=time_configs,
 )
 @triton.jit
 def decode_down_kernel(
@@ -131,6 +134,7 @@ def decode_down_kernel(
     hi = tl.minimum(lo + per_split, n_ch)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
+    t_row = t.to(tl.int64)
     n = pid_n * BLOCK_D + tl.arange(0, BLOCK_D)
     n_ok = n < d
 
@@ -140,11 +144,11 @@ def decode_down_kernel(
         j_ok = j < hi
         group = tl.load(union_ids_ptr + j // G, mask=j_ok, other=0)
         channel = (group * G + j % G).to(tl.int64)
-        hv = tl.load(h_ptr + t[:, None] * stride_ht + j[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
+        hv = tl.load(h_ptr + t_row[:, None] * stride_ht + j[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
         w = tl.load(down_ptr + channel[:, None] * d + n[None, :], mask=j_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(hv, w, acc, FP32_DOT)
 
-    dest = part_ptr + t[:, None] * stride_pt + n[None, :]
+    dest = part_ptr + t_row[:, None] * stride_pt + n[None, :]
     if SPLIT:
         dest += pid_s.to(tl.int64) * T * d
     tl.store(dest, acc.to(part_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
@@ -163,7 +167,7 @@ def reduce_splits_kernel(
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, S):
         acc += tl.load(part_ptr + s * T * d + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + (offs // d) * stride_ot + offs % d, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + (offs // d).to(tl.int64) * stride_ot + offs % d, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import activate, configs, gain_tokens, mma
+from .common import activate, configs, gain_tokens, mma, time_configs
 
 
 @triton.autotune(
@@ -33,6 +33,7 @@ from .common import activate, configs, gain_tokens, mma
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}),
     ),
     key=["d", "d_ff", "T_CLASS"],
+    do_bench=time_configs,
 )
 @triton.jit
 def prefill_gate_up_kernel(
@@ -105,6 +106,7 @@ def prefill_gate_up_kernel(
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}),
     ),
     key=["d", "d_ff", "T_CLASS"],
+    do_bench=time_configs,
 )
 @triton.jit
 def prefill_down_kernel(

@@ -82,3 +82,37 @@ def test_cuda_graph_replay_follows_rewritten_persona_ids(path):
         graph.replay()
         assert torch.equal(first, out), "replays of one graph must be bitwise equal"
         assert_matches_reference(out, x, gate_up, down_t, static_ids, bits, scales, G, "silu")
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_rows_past_two_to_the_31_elements(path):
+    """x and out as row slices of tensors whose rows lie 2^26 elements apart (as ``h[:, -1, :]`` of a
+    long 70B-size activation): row offsets pass 2^31 from token 32 on and must not wrap in int32."""
+    T, d, d_ff, G, P = 40, 256, 1024, 16, 3
+    x, gate_up, down_t, ids, bits, scales = make_inputs(T, d, d_ff, G, P, torch.bfloat16, scales=True, seed=31)
+    row = 1 << 26
+    wide_x = torch.empty(T, row, dtype=x.dtype, device=x.device)  # 5.4 GB: the offsets need real memory
+    wide_x[:, :d] = x
+    wide_out = torch.full((T, row), float("nan"), dtype=x.dtype, device=x.device)
+    strided_x, strided_out = wide_x[:, :d], wide_out[:, :d]
+    assert T * strided_x.stride(0) > 2**31
+    _backend().masked_ffn_triton(strided_x, gate_up, down_t, ids, bits, scales, group_size=G, out=strided_out, path=path)
+    assert_matches_reference(strided_out, x, gate_up, down_t, ids, bits, scales, G, "silu")
+    del wide_x, wide_out
+
+
+def test_autotuning_inside_a_graph_capture_is_refused_by_name():
+    """A kernel meeting a new autotuning key during capture would time its configs (a device sync)
+    inside the graph; the timer refuses with an error that says what to do instead."""
+    from persona_kernels.triton_kernels import common
+
+    if not common.AUTOTUNE:
+        pytest.skip("autotuning is off (PERSONA_KERNELS_TRITON_AUTOTUNE=0): nothing is timed")
+    T, d, d_ff, G, P = 3, 320, 1280, 16, 2  # a shape no other test tunes
+    x, gate_up, down_t, ids, bits, scales = make_inputs(T, d, d_ff, G, P, torch.bfloat16, seed=7)
+    out = torch.empty_like(x)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+        with torch.cuda.stream(stream), torch.cuda.graph(graph):
+            _backend().masked_ffn_triton(x, gate_up, down_t, ids, bits, scales, group_size=G, out=out, path="decode")
