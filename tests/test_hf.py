@@ -429,6 +429,22 @@ def test_step_meta_follows_rows_grown_under_another_backend() -> None:
     assert state.meta.max_slots >= 66
 
 
+@pytest.mark.parametrize("backend", STATE_BACKENDS)
+def test_row_expansion_follows_lists_of_another_length(backend: str) -> None:
+    """The per-token ids come from device buffers alone (the count travels with the ids), so the
+    device work a graph captured under one persona list replays is right for lists of other lengths."""
+    model = small_attached(backend)
+    state = attachment(model).state
+    batch, seq = 4, 3
+    logits(model, tokens(batch=batch, seq=seq).to(model.device), persona="p1")  # "capture" with one persona
+    out = torch.full((batch * seq,), -1, dtype=torch.int32, device=model.device)
+    for spec, rows in ((["p1", "p2", "p3", None], [1, 2, 3, 0]), (["p3", "p2"], [3, 3, 2, 2]), ("p2", [2, 2, 2, 2]),
+                       ([1, 3, 2, 1], [1, 3, 2, 1]), ("p3", [3, 3, 3, 3])):
+        set_persona(model, spec)
+        state._expand_rows(out, batch, seq)  # what a replay runs: no host list, only device buffers
+        assert out.view(batch, seq).tolist() == [[r] * seq for r in rows], spec
+
+
 def test_one_step_meta_prepare_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton path: one shared StepMeta for every layer, prepared once per model forward (prefill and decode)."""
     model = small_attached("triton")

@@ -54,11 +54,13 @@ class PersonaState(nn.Module):
 
     Buffers (all on the model's device, addresses stable while capacity suffices):
 
-    - ``row_ids``: int32 ``[capacity_rows]``; the first ``len(host_ids)`` hold the current persona ids.
-      :meth:`set_ids` writes them (a ``fill_`` for one persona, else a non-blocking copy from a
-      pinned host staging ring on CUDA; a plain store into the buffer's memory on the CPU).
+    - ``row_table``: int32 ``[1 + capacity_rows]``: entry 0 counts the current list's entries,
+      ``row_ids`` (the rest) holds them. :meth:`set_ids` writes both (a ``fill_`` of ``row_ids`` for
+      one persona, which makes any count read right; else one non-blocking copy from a pinned
+      host staging ring on CUDA; plain stores into the buffer's memory on the CPU).
     - ``token_ids_buffer``: int32 ``[capacity_tokens]``; :meth:`prepare` refills its first
-      ``batch * seq`` entries from ``row_ids`` on every call (one expand-copy on the device).
+      ``batch * seq`` entries on every call: row ``b`` of the batch gets ``row_ids[b * count //
+      batch]``, computed on the device, so a replayed graph follows a list of another length too.
     - ``keep_bits``: int32 ``[L, P + 1, W]``, every layer's bitmaps (each :class:`MaskedMLP` holds a
       view of its layer), digested by the shared :class:`~persona_kernels.step_meta.StepMeta`.
     - ``meta`` (not a registered buffer): one ``StepMeta`` for all layers, made on first need and
@@ -87,7 +89,9 @@ class PersonaState(nn.Module):
         n_groups: int = 0,
     ):
         super().__init__()
-        self.register_buffer("row_ids", torch.zeros(capacity_rows, dtype=torch.int32, device=device), persistent=False)
+        table = torch.zeros(1 + capacity_rows, dtype=torch.int32, device=device)
+        table[0] = 1
+        self.register_buffer("row_table", table, persistent=False)
         self.register_buffer("token_ids_buffer", torch.zeros(capacity_tokens, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("keep_bits", keep_bits, persistent=False)
         self.n_groups = n_groups
@@ -108,20 +112,20 @@ class PersonaState(nn.Module):
         ``nn.Module.__getattr__``/``__setattr__``, which cost a microsecond or more each.
         """
         d = self.__dict__
-        rows = self._buffers["row_ids"]
-        d["_rows"] = rows
+        table = self._buffers["row_table"]
+        d["_table"], d["_count"], d["_rows"] = table, table[:1], table[1:]
         d["_tokens"] = self._buffers["token_ids_buffer"]
-        d["_cuda"] = rows.device.type == "cuda"
-        d["_row_np"] = None if d["_cuda"] else _numpy_view(rows)
+        d["_cuda"] = table.device.type == "cuda"
+        d["_table_np"] = None if d["_cuda"] else _numpy_view(table)
         d["_staging"] = d["_staging_np"] = None
         d["_events"] = []
         d["_slot"] = 0
         if d["_cuda"]:
-            staging = torch.zeros(self.STAGING_SLOTS, rows.numel(), dtype=torch.int32, pin_memory=True)
+            staging = torch.zeros(self.STAGING_SLOTS, table.numel(), dtype=torch.int32, pin_memory=True)
             d["_staging"] = list(staging.unbind(0))
             d["_staging_np"] = _numpy_view(staging)
             d["_events"] = [torch.cuda.Event() for _ in range(self.STAGING_SLOTS)]
-        if self.meta is not None and self.meta.token_ids.device != rows.device:
+        if self.meta is not None and self.meta.token_ids.device != table.device:
             d["meta"] = None
         d["prepared_tokens"] = -1
         d["token_view"] = None
@@ -129,9 +133,14 @@ class PersonaState(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ...), then re-bind the aliases to the moved buffers."""
         result = super()._apply(fn, recurse)
-        if self._rows is not self._buffers["row_ids"] or self._tokens is not self._buffers["token_ids_buffer"]:
+        if self._table is not self._buffers["row_table"] or self._tokens is not self._buffers["token_ids_buffer"]:
             self._bind()
         return result
+
+    @property
+    def row_ids(self) -> torch.Tensor:
+        """int32 ``[capacity_rows]`` device buffer of the current persona list (a view of ``row_table``)."""
+        return self._rows
 
     # ----------------------------------------------------------------------------- capacity
 
@@ -142,11 +151,12 @@ class PersonaState(nn.Module):
         reallocates, and a captured graph keeps reading the old addresses.
         """
         if rows > self._rows.numel():
-            self._buffers["row_ids"] = _grown(self._rows, rows)
-            self._buffers["row_ids"][: self._rows.numel()].copy_(self._rows)
+            table = _grown(self._table, 1 + rows)
+            table[: self._table.numel()].copy_(self._table)
+            self._buffers["row_table"] = table
         if tokens > self._tokens.numel():
             self._buffers["token_ids_buffer"] = _grown(self._tokens, tokens)
-        if self._rows is not self._buffers["row_ids"] or self._tokens is not self._buffers["token_ids_buffer"]:
+        if self._table is not self._buffers["row_table"] or self._tokens is not self._buffers["token_ids_buffer"]:
             self._bind()
         if self.meta is not None or (self.use_meta and tokens > 0):
             self._ensure_meta(tokens)  # also while another backend runs: its slots must cover the rows when Triton is back
@@ -192,13 +202,15 @@ class PersonaState(nn.Module):
                 d["_slot"] = (slot + 1) % self.STAGING_SLOTS
                 event = d["_events"][slot]
                 event.synchronize()  # the slot's previous copy has read it (returns at once if never recorded)
-                d["_staging_np"][slot, :n] = ids
-                d["_rows"].copy_(d["_staging"][slot], non_blocking=True)
+                staging = d["_staging_np"][slot]
+                staging[0] = n
+                staging[1 : n + 1] = ids
+                d["_table"].copy_(d["_staging"][slot], non_blocking=True)  # count and ids in one copy
                 event.record()
-        elif n == 1:
-            d["_row_np"][0] = ids[0]
         else:
-            d["_row_np"][:n] = ids
+            table = d["_table_np"]
+            table[0] = n
+            table[1 : n + 1] = ids
         d["host_ids"] = ids
         d["version"] += 1
         d["prepared_tokens"] = -1
@@ -223,8 +235,7 @@ class PersonaState(nn.Module):
             self.reserve(rows, total)
         view = d["_tokens"][:total]
         if total:
-            repeat = batch // rows
-            view.view(rows, repeat, seq).copy_(d["_rows"][:rows].view(rows, 1, 1).expand(rows, repeat, seq))
+            self._expand_rows(view, batch, seq)
             if d["use_meta"]:
                 meta = d["meta"]
                 if meta is None or meta.max_tokens < total:
@@ -233,6 +244,17 @@ class PersonaState(nn.Module):
         d["token_view"] = view
         d["prepared_tokens"] = total
         return view
+
+    def _expand_rows(self, out: torch.Tensor, batch: int, seq: int) -> None:
+        """``out [batch * seq]`` = each token's persona: batch row ``b`` takes ``row_ids[b * count // batch]``.
+
+        Device ops on sizes and buffers only (never on the host list), so a CUDA graph captured
+        with one persona list replays right after :meth:`set_ids` wrote a list of another length.
+        """
+        d = self.__dict__
+        rows = d["_rows"]
+        index = torch.arange(batch, dtype=torch.int32, device=rows.device) * d["_count"] // batch
+        out.view(batch, seq).copy_(rows.index_select(0, index).view(batch, 1).expand(batch, seq))
 
     def token_ids(self, batch: int, seq: int) -> torch.Tensor:
         """Deprecated alias of :meth:`prepare` (the model's forward pre-hook calls it already)."""
@@ -543,11 +565,13 @@ def _resolve_fast(info: Attachment, persona) -> list[int]:
 def set_persona(model: nn.Module, persona) -> list[int]:
     """Make ``persona`` (see module docstring) the current persona of ``model``; return the ids set.
 
-    Validates on the host (a dict lookup built at attach), then writes the ids into the fixed
-    ``row_ids`` buffer (one ``fill_``, or a non-blocking copy from pinned memory on CUDA; no tensor
-    is created, no weight touched). The next forward's pre-hook expands them to per-token ids on the
-    device, so a CUDA graph replayed after this call reads the new ids. Do not call it while a CUDA
-    graph is being captured.
+    Validates on the host (a dict lookup built at attach), then writes the ids and their count into
+    the fixed ``row_table`` buffer (one ``fill_``, or one non-blocking copy from pinned memory on
+    CUDA; no tensor is created, no weight touched). The next forward's pre-hook expands them to
+    per-token ids on the device, so a CUDA graph replayed after this call reads the new ids, also
+    when the list has another length than at capture (give a length that divides the captured
+    batch: row ``b`` of ``B`` takes entry ``b * n // B``). Do not call it while a CUDA graph is being
+    captured.
     """
     info = getattr(model, _ATTR, None)
     if info is None:

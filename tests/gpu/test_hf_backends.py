@@ -63,3 +63,38 @@ def test_logits_equal_reference_backend(backend: str, dtype: torch.dtype) -> Non
         error = (g - o).abs().max().item()
         bound = 2 * (p - o).abs().max().item() + 2 * torch.finfo(dtype).eps * o.abs().max().item()
         assert error <= bound, f"{label}: {backend} {dtype} logit error {error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "reference"])
+def test_captured_forward_follows_persona_lists_of_any_length(backend: str) -> None:
+    """Capture one forward of the attached model under a single persona, then switch between lists
+    of other lengths with ``set_persona`` alone and replay: each replay equals an eager forward."""
+    from persona_kernels.hf import set_persona
+
+    require_backend(backend)
+    device = torch.device("cuda")
+    model = attached(backend, torch.float32, device)
+    batch = 4
+    static_ids = torch.randint(3, 96, (batch, 8), generator=torch.Generator().manual_seed(9)).to(device)
+    specs = [["p1", "p2", "p3", None], ["p3", "p2"], "p2", ["p2", None, "p1", "p3"], "p1"]
+    with torch.no_grad():
+        set_persona(model, "p1")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for spec in specs:  # warm-up at this shape under every list: compile, tune, grow buffers
+                set_persona(model, spec)
+                model(input_ids=static_ids, use_cache=False)
+            set_persona(model, "p1")
+            model(input_ids=static_ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = model(input_ids=static_ids, use_cache=False).logits
+        for spec in specs:
+            set_persona(model, spec)
+            graph.replay()
+            replayed = static_logits.clone()
+            eager = model(input_ids=static_ids, use_cache=False).logits
+            error = (replayed - eager).abs().max().item()
+            assert error <= 1e-4 * (1.0 + eager.abs().max().item()), f"{spec}: replay differs from eager by {error:.3g}"
