@@ -63,12 +63,13 @@ from benchmarks.serving.models import (  # noqa: E402
 
 LORA_RANK = 16
 SWITCH_SEQUENCE = ("identical", "uniform8", "zipf", "distinct", "dense_id0", "uniform8_indep", "identical@2")
-"""Persona mixes applied one after another in the graph checks (``identical@2``: all rows persona 2)."""
+"""Persona mixes applied one after another in the graph checks (``identical@2``: persona 2 given once,
+a one-entry list for the whole batch; the graph is captured under such a list, so replays cross list lengths)."""
 
 
 def _ids_for(mix: str, batch: int, seed: int) -> list[int]:
-    """Row ids of a mix of :data:`SWITCH_SEQUENCE` (``identical@2``: every row persona 2)."""
-    return [2] * batch if mix == "identical@2" else mix_ids(mix, batch, seed)
+    """Persona list of a mix of :data:`SWITCH_SEQUENCE`: one id per row, or ``[2]`` for ``identical@2``."""
+    return [2] if mix == "identical@2" else mix_ids(mix, batch, seed)
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -288,7 +289,7 @@ def graph_switch_check(model, batch: int, prompt_len: int, device: torch.device,
         sync = device_sync(device)
         if use_graph if use_graph is not None else device.type == "cuda":
             try:
-                set_persona(model, _ids_for("identical", batch, seed))
+                set_persona(model, [1])  # captured under a one-entry list; the sequence switches to per-row lists
                 graph = common.capture_graph(fixed_step, warmup=2)
             except Exception as error:  # noqa: BLE001 - recorded, then the eager checks still run
                 graph, capture_error = None, f"{type(error).__name__}: {error}"[:500]
@@ -373,7 +374,7 @@ def ffn_graph_switch_check(shape: ModelShape, batch: int, device: torch.device, 
     tol = tolerance(dtype)
     rows = []
     for offset, mix in enumerate(SWITCH_SEQUENCE):
-        ids = torch.tensor(_ids_for(mix, batch, seed + offset), dtype=torch.int32)
+        ids = torch.tensor(_ids_for(mix, batch, seed + offset), dtype=torch.int32).expand(batch)  # one per token
         ids_buf.copy_(ids)  # the switch
         x_in.copy_(torch.randn(batch, shape.hidden, generator=gen))  # fresh input every time
         y_out.fill_(float("nan"))
