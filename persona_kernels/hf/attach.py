@@ -71,7 +71,8 @@ class PersonaState(nn.Module):
     forward replays them too, and reads whatever ids :func:`set_persona` wrote into ``row_ids``
     since. Buffers grow (reallocate, doubling) only when a call needs more rows or tokens than any
     call before; capture graphs after a warm-up forward at the largest shape (or call
-    :meth:`reserve`), and never switch persona inside a capture.
+    :meth:`reserve`) and one eager forward at each shape you capture (the Triton kernels tune per
+    shape class, and tuning inside a capture raises), and never switch persona inside a capture.
     """
 
     STAGING_SLOTS = 4
