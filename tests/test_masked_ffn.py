@@ -397,3 +397,33 @@ def test_torch_compile_fullgraph(backend):
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(**inputs), step(**inputs))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_correct_when_openmp_gives_fewer_threads(threads):
+    """Under ``OMP_THREAD_LIMIT=1`` OpenMP runs a team of one whatever the kernel asks; the partial sums
+    of threads that never ran must not be added (they hold an earlier tile's or call's leftovers)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require_backend("cpu")
+    script = f"""
+import torch
+from test_masked_ffn import make_inputs, _seed
+from persona_kernels.backends import cpu_backend
+from persona_kernels.reference import masked_ffn_reference
+for T in (21, 5, 21):  # a short call between two long ones: stale slices would come back into range
+    inputs = make_inputs(T, 64, 256, 16, "mixed_scales", torch.float32, torch.device("cpu"), _seed("team", T))
+    args = [inputs[k] for k in ("x", "gate_up", "down_t", "persona_ids", "keep_bits", "scales")]
+    out = cpu_backend.masked_ffn(*args, 16, "silu", num_threads={threads})
+    error = (out - masked_ffn_reference(*args, 16, "silu")).abs().max().item()
+    assert error < 1e-4, f"T={{T}}: max error {{error}}"
+print("ok")
+"""
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests_dir.parent), str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tests_dir, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]

@@ -114,6 +114,7 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
   const RunBlocks run_blocks = resolve_isa(isa) == CpuIsa::kAvx2 ? cpu::run_blocks_avx2 : cpu::run_blocks_generic;
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
+  num_threads = std::min(num_threads, std::max(omp_get_num_procs(), omp_get_max_threads()));  // scratch scales with it
 #else
   num_threads = 1;
 #endif
@@ -151,6 +152,9 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
     float* const acc_base = acc.data();
     float* const hidden_base = hidden.data();
     const Block* const block_base = blocks.data();
+    // Threads that actually ran: OpenMP may give a smaller team than asked (OMP_THREAD_LIMIT,
+    // OMP_DYNAMIC, a caller's outer parallel region), and only their slices are zeroed.
+    int team = 1;
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(workers)
@@ -158,6 +162,7 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
     {
 #ifdef _OPENMP
       const int k = omp_get_thread_num();
+      if (k == 0) team = omp_get_num_threads();
 #else
       const int k = 0;
 #endif
@@ -178,7 +183,7 @@ void masked_ffn_cpu(const MaskedFFNParams& p, int num_threads, CpuIsa isa) {
       for (int64_t j = 0; j < d; ++j) {
         const int64_t stored = static_cast<int64_t>(i) * d + cpu::stored_index(j, d, p.dtype);
         float sum = acc_base[stored];
-        for (int w = 1; w < workers; ++w) sum += acc_base[static_cast<int64_t>(w) * nt * d + stored];
+        for (int w = 1; w < team; ++w) sum += acc_base[static_cast<int64_t>(w) * nt * d + stored];
         if (p.output_bias != nullptr)  // the reference adds the bias to the rounded output
           sum = round_to_dtype(sum, p.dtype) + p.output_bias[static_cast<int64_t>(personas[i]) * d + j];
         store_scalar(p.out, (t0 + i) * p.out_row_stride + j, sum, p.dtype);
