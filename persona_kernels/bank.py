@@ -80,6 +80,14 @@ class MaskBank:
     permutation: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`MaskBankError` unless the bank is consistent (what loading it back requires).
+
+        Run at construction and by :meth:`save`, so a bank edited in place since (a renamed or
+        appended persona) cannot be written as a file that will not load.
+        """
         if self.n_layers < 1 or self.d_ff < 1:
             raise MaskBankError(f"n_layers ({self.n_layers}) and d_ff ({self.d_ff}) must be positive")
         if self.group_size < 1 or self.d_ff % self.group_size != 0:

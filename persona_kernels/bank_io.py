@@ -94,7 +94,12 @@ def bank_to_tensors(bank: MaskBank) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def save_bank(bank: MaskBank, path: str | Path) -> None:
-    """Write ``bank`` to ``path`` atomically; on any failure the previous file is left untouched."""
+    """Write ``bank`` to ``path`` atomically; on any failure the previous file is left untouched.
+
+    The bank is validated first (:meth:`MaskBank.validate`): a bank edited in place into a state that
+    loading refuses raises :class:`MaskBankError` before anything is written.
+    """
+    bank.validate()
     path = Path(path)
     tensors, metadata = bank_to_tensors(bank)
     payload = safetensors_save(tensors, metadata=metadata)

@@ -274,6 +274,28 @@ def test_failed_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert MaskBank.load(path).names == ["persona-0"]
 
 
+@pytest.mark.parametrize("edit", ["duplicate_name", "reserved_name", "nan_scales", "long_description"])
+def test_save_refuses_a_bank_edited_into_an_unloadable_state(tmp_path: Path, edit: str) -> None:
+    """Personas edited in place after construction are checked again by ``save``: a bank that
+    loading would refuse is never written over a good file."""
+    path = tmp_path / "bank.safetensors"
+    bank = make_bank(2, seed=3)
+    bank.save(path)
+    before = path.read_bytes()
+    if edit == "duplicate_name":
+        bank.personas[1].name = bank.personas[0].name
+    elif edit == "reserved_name":
+        bank.personas[0].name = "dense"
+    elif edit == "nan_scales":
+        bank.personas[0].scales[0, 0] = float("nan")
+    else:
+        bank.personas[0].description = "x" * 5000
+    with pytest.raises(MaskBankError):
+        bank.save(path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["bank.safetensors"]
+
+
 # ---- model identity ----
 
 
