@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, MaskBankError, FileNotFoundError) as error:
+    except (CLIError, MaskBankError, FileNotFoundError, FileExistsError) as error:
         print(f"persona-kernels {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -145,7 +145,8 @@ def test_export_from_plain_model_pads_and_replaces(tmp_path: Path) -> None:
     out = tmp_path / "export"
     out.mkdir()
     (out / "stale.txt").write_text("old export")
-    export_pruned(model, bank, 2, out)  # plain model, persona by id, over an existing directory
+    (out / "persona_export.json").write_text("{}")  # an earlier export: replaceable
+    export_pruned(model, bank, 2, out)  # plain model, persona by id, over an existing export
     assert not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp directories left
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -157,6 +158,28 @@ def test_export_from_plain_model_pads_and_replaces(tmp_path: Path) -> None:
     assert torch.all(mlp.gate_proj.weight[-pad:] == 0) and torch.all(mlp.down_proj.weight[:, -pad:] == 0)
     attach_bank(model, bank)
     torch.testing.assert_close(logits(model, ids, persona="p2"), logits(exported, ids), atol=ATOL, rtol=1e-4)
+
+
+def test_export_refuses_to_replace_what_is_not_an_export(tmp_path: Path) -> None:
+    """export_pruned replaces its out_dir, so a folder of other files (or a file) is refused untouched."""
+    model = tiny_llama()
+    bank = random_bank(model)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an earlier export"):
+        export_pruned(model, bank, "p1", folder)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("weights")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        export_pruned(model, bank, "p1", a_file)
+    assert a_file.read_text() == "weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model.bin"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_pruned(model, bank, "p1", empty)  # an empty folder is fine
+    assert (empty / "persona_export.json").is_file()
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))

@@ -68,10 +68,15 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
     the function is unchanged (the file is only as small as its densest layer allows).
 
     Works on a plain model or one with a bank attached (attached models are not modified).
-    Written atomically: into a temporary directory beside ``out_dir``, then renamed over it.
+    Written atomically: into a temporary directory beside ``out_dir``, then renamed over it. An
+    existing ``out_dir`` is replaced only when it is an earlier export (it holds
+    ``persona_export.json``) or empty; any other file or folder there raises ``FileExistsError``
+    before anything is written.
     ``persona``: a name, an id, or ``None``/``"dense"`` (a plain copy).
     """
     from safetensors.torch import save_file
+
+    _check_replaceable(Path(out_dir))
 
     from .attach import MaskedMLP, attachment, resolve_persona_ids
     from .ffn import ffn_weights, find_ffn_layers, model_ffn_shape, model_name
@@ -184,6 +189,19 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
     return out_dir
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse an ``out_dir`` that holds something other than an earlier export (nothing is lost)."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; export_pruned writes a directory")
+    if any(target.iterdir()) and not (target / EXPORT_INFO_FILE).is_file():
+        raise FileExistsError(
+            f"{target} is a non-empty directory that is not an earlier export (no {EXPORT_INFO_FILE}); "
+            "export_pruned replaces its out_dir, so give a new or empty directory"
+        )
 
 
 def _replace_dir(source: Path, target: Path) -> None:
