@@ -246,6 +246,30 @@ def test_generate_per_row_personas() -> None:
     # num_return_sequences repeats each row: the persona list covers the expanded rows
     expanded = model.generate(ids, persona=["p1", "p2"], num_return_sequences=2, num_beams=2, **kwargs)
     assert expanded.shape[0] == 4
+    # a list that does not divide the caller's 3 rows is refused, though it divides the 6 expanded ones
+    three = tokens(batch=3, seq=6)
+    with pytest.raises(ValueError, match="2 entries but the input has 3 rows"):
+        model.generate(three, persona=["p1", "p2"], num_return_sequences=2, do_sample=False, max_new_tokens=2,
+                       attention_mask=torch.ones_like(three))
+    with pytest.raises(ValueError, match="2 entries but the input has 3 rows"):
+        generate_as(model, three, persona=["p1", "p2"], num_return_sequences=2, do_sample=False, max_new_tokens=2)
+    assert current_persona(model) == [0]
+
+
+def test_deep_copy_generates_with_its_own_weights() -> None:
+    """An attached model's ``generate`` is bound to the model, so a deep copy generates with the copy."""
+    import copy
+
+    model = tiny_llama()
+    attach_bank(model, random_bank(model))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1)
+    ids = tokens(batch=1, seq=6)
+    kwargs = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    mine, theirs = model.generate(ids, persona="p1", **kwargs), twin.generate(ids, persona="p1", **kwargs)
+    assert not torch.equal(mine, theirs)
+    assert torch.equal(theirs, generate_as(twin, ids, persona="p1", **kwargs))
 
 
 def test_detach_restores_plain_model() -> None:

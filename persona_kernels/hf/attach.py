@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -641,17 +642,31 @@ def _forward_hook(model, args, output):
 
 
 def _make_generate(model: nn.Module):
-    cls_generate = type(model).generate
+    """``model.generate`` taking ``persona=``, bound as a method so a deep copy of the model binds
+    its own copy (a closure would keep generating with the original)."""
+    return types.MethodType(_attached_generate, model)
 
-    def generate(*args, persona=_UNSET, **kwargs):
-        """``model.generate`` with an optional ``persona=`` (name/id/None or one per batch row)."""
-        if persona is _UNSET:
-            return cls_generate(model, *args, **kwargs)
-        with _persona_cm(model, persona):
-            return cls_generate(model, *args, **kwargs)
 
-    generate.__doc__ = (cls_generate.__doc__ or "") + "\n\npersona: persona-kernels persona spec for this call."
-    return generate
+def _attached_generate(self: nn.Module, *args, persona=_UNSET, **kwargs):
+    """``generate`` of an attached model, with an optional ``persona=`` (name/id/None or one per
+    input row); the rest goes to the model class's ``generate``."""
+    cls_generate = type(self).generate
+    if persona is _UNSET:
+        return cls_generate(self, *args, **kwargs)
+    with _persona_cm(self, persona) as ids:
+        _check_rows_divide_batch(ids, _input_shape(args, kwargs))
+        return cls_generate(self, *args, **kwargs)
+
+
+def _check_rows_divide_batch(ids: list[int], shape: tuple[int, int] | None) -> None:
+    """Refuse a persona list whose length does not divide the caller's batch: ``generate`` expands the
+    batch for ``num_return_sequences`` or beams, after which a wrong length could divide the
+    expanded batch and mix personas within one input row."""
+    if shape is not None and shape[0] % len(ids):
+        raise ValueError(
+            f"persona list has {len(ids)} entries but the input has {shape[0]} rows; give one persona per row "
+            "(or a single persona for the whole batch)"
+        )
 
 
 _persona_cm = persona
@@ -670,5 +685,6 @@ def generate_as(model: nn.Module, inputs, persona=None, **generate_kwargs):
         kwargs.update(inputs)
     else:
         raise TypeError(f"inputs must be an input_ids tensor or a mapping of model inputs, got {type(inputs).__name__}")
-    with _persona_cm(model, persona):
+    with _persona_cm(model, persona) as ids:
+        _check_rows_divide_batch(ids, _input_shape((), kwargs))
         return type(model).generate(model, **kwargs)
