@@ -256,6 +256,18 @@ def test_generate_per_row_personas() -> None:
     assert current_persona(model) == [0]
 
 
+def test_switch_after_share_memory_reaches_the_model() -> None:
+    """``share_memory()`` moves the buffers' storage under the same tensor objects; switches made
+    afterwards must land in the new storage."""
+    model = tiny_llama()
+    attach_bank(model, random_bank(model))
+    ids = tokens()
+    expected = logits(model, ids, persona="p1")
+    model.share_memory()
+    set_persona(model, "p1")
+    torch.testing.assert_close(logits(model, ids), expected, atol=ATOL, rtol=1e-4)
+
+
 def test_deep_copy_generates_with_its_own_weights() -> None:
     """An attached model's ``generate`` is bound to the model, so a deep copy generates with the copy."""
     import copy

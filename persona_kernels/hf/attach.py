@@ -98,6 +98,7 @@ class PersonaState(nn.Module):
         self.register_buffer("keep_bits", keep_bits, persistent=False)
         self.n_groups = n_groups
         self.use_meta = False
+        self.requested_backend: str | None = None  # as given to attach_bank / set_backend
         self.meta: StepMeta | None = None
         self.host_ids: list[int] = [DENSE_PERSONA_ID]
         self.version = 0
@@ -133,10 +134,13 @@ class PersonaState(nn.Module):
         d["token_view"] = None
 
     def _apply(self, fn, recurse: bool = True):
-        """``nn.Module._apply`` (``.to``, ``.cuda``, ...), then re-bind the aliases to the moved buffers."""
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``share_memory``, ...), then re-bind the aliases to
+        the buffers' (possibly new) memory, and re-resolve the backend when the device type changed."""
+        device_type = self._table.device.type
         result = super()._apply(fn, recurse)
-        if self._table is not self._buffers["row_table"] or self._tokens is not self._buffers["token_ids_buffer"]:
-            self._bind()
+        self._bind()  # also when the tensor object stayed and its storage moved (share_memory_)
+        if self._table.device.type != device_type:
+            _configure_state(self, self.requested_backend)
         return result
 
     @property
@@ -511,6 +515,7 @@ def _configure_state(state: PersonaState, backend: str | None) -> None:
     An existing ``StepMeta`` is kept (not freed) while another backend runs, so a CUDA graph captured
     on the Triton path still finds its buffers when the backend is switched back.
     """
+    state.__dict__["requested_backend"] = backend
     state.__dict__["use_meta"] = resolve_backend(state.row_ids.device, backend) == "triton"
     state.__dict__["prepared_tokens"] = -1  # the next forward refills what the new path reads
 
