@@ -603,3 +603,30 @@ def test_default_model_generates_text(default_model_setup) -> None:
                              pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert out.shape[1] > inputs["input_ids"].shape[1] and text.strip()
+
+
+def test_attach_failing_midway_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure packing a later layer (out of memory, say) swaps the converted layers back: the
+    model runs as before, is not marked attached, and a bank can be attached again."""
+    import persona_kernels.hf.attach as attach_module
+
+    model = tiny_llama()
+    ids = tokens()
+    expected = logits(model, ids)
+    original_pack, calls = attach_module.pack_ffn, []
+
+    def pack_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("simulated out of memory on layer 1")
+        return original_pack(*args, **kwargs)
+
+    monkeypatch.setattr(attach_module, "pack_ffn", pack_then_fail)
+    with pytest.raises(MemoryError, match="simulated"):
+        attach_bank(model, random_bank(model))
+    monkeypatch.undo()
+    assert not is_attached(model) and "generate" not in model.__dict__
+    assert not any(type(layer.mlp).__name__ == "MaskedMLP" for layer in model.model.layers)
+    torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
+    attach_bank(model, random_bank(model))
+    assert is_attached(model)

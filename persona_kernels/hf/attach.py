@@ -440,31 +440,38 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
     biases = bank.output_bias_table(device)  # [L, P + 1, d_model] or None
     permutation = None if bank.permutation is None else bank.permutation.to(device)
     state = PersonaState(device, keep_bits=keep_bits, n_groups=bank.n_groups)
-    for layer in layers:
-        mlp = layer.mlp
-        perm = None if permutation is None else permutation[layer.index]
-        packed = pack_ffn(
-            mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach(), layer.activation, perm
-        )
-        grads = {}
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            linear = getattr(mlp, name)
-            grads[name] = linear.weight.requires_grad
-            linear.weight = _empty_weight(linear.weight)  # free the unpacked copy
-        object.__setattr__(mlp, "_persona_kernels_requires_grad", grads)
-        layer.parent.mlp = MaskedMLP(
-            packed,
-            keep_bits[layer.index],
-            None if scales is None else scales[layer.index],
-            state,
-            bank.group_size,
-            perm,
-            backend,
-            original=mlp,
-            layer_index=layer.index,
-            input_gains=None if gains is None else gains[layer.index],
-            output_bias=None if biases is None else biases[layer.index],
-        )
+    converted = []  # layers swapped so far: swapped back if a later one fails (out of memory, say)
+    try:
+        for layer in layers:
+            mlp = layer.mlp
+            perm = None if permutation is None else permutation[layer.index]
+            packed = pack_ffn(
+                mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach(), layer.activation, perm
+            )
+            masked = MaskedMLP(
+                packed,
+                keep_bits[layer.index],
+                None if scales is None else scales[layer.index],
+                state,
+                bank.group_size,
+                perm,
+                backend,
+                original=mlp,
+                layer_index=layer.index,
+                input_gains=None if gains is None else gains[layer.index],
+                output_bias=None if biases is None else biases[layer.index],
+            )
+            grads = {}
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                linear = getattr(mlp, name)
+                grads[name] = linear.weight.requires_grad
+                linear.weight = _empty_weight(linear.weight)  # free the unpacked copy
+            object.__setattr__(mlp, "_persona_kernels_requires_grad", grads)
+            layer.parent.mlp = masked
+            converted.append(layer)
+    except BaseException:
+        _restore_layers(converted)
+        raise
     info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend, lookup=_persona_lookup(bank))
     _configure_state(state, backend)
     object.__setattr__(model, _ATTR, info)
@@ -479,19 +486,26 @@ def detach_bank(model: nn.Module) -> nn.Module:
     from .ffn import find_ffn_layers
 
     info = _require(model)
-    for layer in find_ffn_layers(model):
-        masked = layer.mlp
-        original = masked._original
-        grads = getattr(original, "_persona_kernels_requires_grad", {})
-        for name, weight in zip(("gate_proj", "up_proj", "down_proj"), masked.unpacked_weights()):
-            getattr(original, name).weight = nn.Parameter(weight, requires_grad=grads.get(name, True))
-        layer.parent.mlp = original
+    _restore_layers(find_ffn_layers(model))
     for hook in info.hooks:
         hook.remove()
     object.__delattr__(model, _ATTR)
     if "generate" in model.__dict__:
         object.__delattr__(model, "generate")
     return model
+
+
+def _restore_layers(layers) -> None:
+    """Put each layer's original MLP back, its weights unpacked to the original channel order."""
+    for layer in layers:
+        masked = layer.parent.mlp
+        if not isinstance(masked, MaskedMLP):
+            continue
+        original = masked._original
+        grads = getattr(original, "_persona_kernels_requires_grad", {})
+        for name, weight in zip(("gate_proj", "up_proj", "down_proj"), masked.unpacked_weights()):
+            getattr(original, name).weight = nn.Parameter(weight, requires_grad=grads.get(name, True))
+        layer.parent.mlp = original
 
 
 def set_backend(model: nn.Module, backend: str | None) -> None:
