@@ -256,6 +256,26 @@ def test_generate_per_row_personas() -> None:
     assert current_persona(model) == [0]
 
 
+def test_direct_forward_call_takes_the_persona() -> None:
+    """``model.forward(..., persona=...)`` (what PEFT wrappers call) runs as that persona, restores the
+    previous one, and keeps the class forward's signature for transformers' introspection."""
+    import inspect
+
+    model = tiny_llama()
+    expected_signature = inspect.signature(model.forward)
+    attach_bank(model, random_bank(model))
+    ids = tokens()
+    with torch.no_grad():
+        direct = model.forward(input_ids=ids, persona="p1").logits
+        dense = model.forward(input_ids=ids).logits
+    torch.testing.assert_close(direct, logits(model, ids, persona="p1"), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(dense, logits(model, ids, persona=None), atol=ATOL, rtol=1e-4)
+    assert not torch.allclose(direct, dense) and current_persona(model) == [0]
+    with pytest.raises(MaskBankError, match="nobody"):
+        model.forward(input_ids=ids, persona="nobody")
+    assert inspect.signature(model.forward) == expected_signature
+
+
 def test_switch_after_share_memory_reaches_the_model() -> None:
     """``share_memory()`` moves the buffers' storage under the same tensor objects; switches made
     afterwards must land in the new storage."""
@@ -293,7 +313,7 @@ def test_detach_restores_plain_model() -> None:
     mlp = model.model.layers[0].mlp
     assert mlp._original.gate_proj.weight.numel() == 0  # unpacked weights freed while attached
     detach_bank(model)
-    assert not is_attached(model) and "generate" not in model.__dict__
+    assert not is_attached(model) and "generate" not in model.__dict__ and "forward" not in model.__dict__
     restored = model.state_dict()
     assert restored.keys() == original.keys()
     for name, tensor in original.items():
@@ -625,7 +645,7 @@ def test_attach_failing_midway_leaves_the_model_as_it_was(monkeypatch: pytest.Mo
     with pytest.raises(MemoryError, match="simulated"):
         attach_bank(model, random_bank(model))
     monkeypatch.undo()
-    assert not is_attached(model) and "generate" not in model.__dict__
+    assert not is_attached(model) and "generate" not in model.__dict__ and "forward" not in model.__dict__
     assert not any(type(layer.mlp).__name__ == "MaskedMLP" for layer in model.model.layers)
     torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
     attach_bank(model, random_bank(model))

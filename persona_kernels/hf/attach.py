@@ -32,6 +32,7 @@ Ways to choose the persona::
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -477,7 +478,8 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
     object.__setattr__(model, _ATTR, info)
     info.hooks.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))
     info.hooks.append(model.register_forward_hook(_forward_hook, always_call=True))
-    object.__setattr__(model, "generate", _make_generate(model))
+    for name in ("generate", "forward"):
+        object.__setattr__(model, name, _with_persona_keyword(model, name))
     return model
 
 
@@ -490,8 +492,9 @@ def detach_bank(model: nn.Module) -> nn.Module:
     for hook in info.hooks:
         hook.remove()
     object.__delattr__(model, _ATTR)
-    if "generate" in model.__dict__:
-        object.__delattr__(model, "generate")
+    for name in ("generate", "forward"):
+        if name in model.__dict__:
+            object.__delattr__(model, name)
     return model
 
 
@@ -660,21 +663,23 @@ def _forward_hook(model, args, output):
     return output
 
 
-def _make_generate(model: nn.Module):
-    """``model.generate`` taking ``persona=``, bound as a method so a deep copy of the model binds
-    its own copy (a closure would keep generating with the original)."""
-    return types.MethodType(_attached_generate, model)
+def _with_persona_keyword(model: nn.Module, name: str):
+    """The class's ``generate`` or ``forward`` bound to ``model`` with an optional ``persona=`` keyword
+    (name/id/None or one per input row): ``forward`` for callers that call it directly (PEFT
+    wrappers do), bypassing the hooks that read it from ``model(...)``. Bound as a method, not a
+    closure over ``model``, so a deep copy binds its own copy; the signature is the class method's
+    (transformers inspects ``forward``'s parameters)."""
+    method = getattr(type(model), name)
 
+    @functools.wraps(method)
+    def with_persona(self: nn.Module, *args, persona=_UNSET, **kwargs):
+        if persona is _UNSET:
+            return method(self, *args, **kwargs)
+        with _persona_cm(self, persona) as ids:
+            _check_rows_divide_batch(ids, _input_shape(args, kwargs))
+            return method(self, *args, **kwargs)
 
-def _attached_generate(self: nn.Module, *args, persona=_UNSET, **kwargs):
-    """``generate`` of an attached model, with an optional ``persona=`` (name/id/None or one per
-    input row); the rest goes to the model class's ``generate``."""
-    cls_generate = type(self).generate
-    if persona is _UNSET:
-        return cls_generate(self, *args, **kwargs)
-    with _persona_cm(self, persona) as ids:
-        _check_rows_divide_batch(ids, _input_shape(args, kwargs))
-        return cls_generate(self, *args, **kwargs)
+    return types.MethodType(with_persona, model)
 
 
 def _check_rows_divide_batch(ids: list[int], shape: tuple[int, int] | None) -> None:
