@@ -78,6 +78,8 @@ class MaskBank:
     group_size: int
     personas: list[PersonaMask] = field(default_factory=list)
     permutation: torch.Tensor | None = None
+    weight_sample: torch.Tensor | None = None
+    weight_dtype: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +99,8 @@ class MaskBank:
         for persona in self.personas:
             self._check_persona(persona)
         self._check_hidden_widths(self.personas)
+        if self.weight_sample is not None and (self.weight_sample.dim() != 1 or not self.weight_sample.is_floating_point()):
+            raise MaskBankError(f"weight_sample must be a float vector, got {self.weight_sample.dtype} {list(self.weight_sample.shape)}")
         names = [p.name for p in self.personas]
         if len(set(names)) != len(names):
             raise MaskBankError(f"duplicate persona names in bank: {sorted(n for n in set(names) if names.count(n) > 1)}")
@@ -148,6 +152,13 @@ class MaskBank:
         self.personas.append(persona)
         return len(self.personas)
 
+    def _same_weights_in_fp16(self, weight_sample: tuple[torch.Tensor, str] | None) -> bool:
+        from .fingerprint import samples_agree
+
+        if weight_sample is None or self.weight_sample is None or "float16" not in (weight_sample[1], self.weight_dtype):
+            return False
+        return samples_agree(weight_sample[0], self.weight_sample)
+
     def remove(self, persona: str | int) -> None:
         """Remove a persona; ids of later personas shift down by one."""
         pid = self.persona_id(persona)
@@ -155,8 +166,14 @@ class MaskBank:
             raise MaskBankError("the dense persona cannot be removed")
         self.personas.pop(pid - 1)
 
-    def check_model(self, fingerprint: str, n_layers: int, d_ff: int, name: str = "", d_model: int | None = None) -> None:
-        """Raise :class:`ModelMismatchError` naming the difference if the bank is not for this model."""
+    def check_model(self, fingerprint: str, n_layers: int, d_ff: int, name: str = "", d_model: int | None = None,
+                    weight_sample: tuple[torch.Tensor, str] | None = None) -> None:
+        """Raise :class:`ModelMismatchError` naming the difference if the bank is not for this model.
+
+        ``weight_sample``: the model's :func:`~persona_kernels.fingerprint.ffn_weight_sample`; when the
+        fingerprints differ and the model or the bank's source was held in float16, the samples
+        decide (the fingerprint cannot be stable under fp16 rounding).
+        """
         if n_layers != self.n_layers or d_ff != self.d_ff:
             raise ModelMismatchError(
                 f"mask bank for {self.base_model!r} has {self.n_layers} layers x d_ff {self.d_ff}, "
@@ -167,7 +184,7 @@ class MaskBank:
                 f"mask bank for {self.base_model!r} has FFN input gains or output biases of width {self.hidden_width}, "
                 f"but the model {name!r} has hidden size {d_model}"
             )
-        if fingerprint != self.fingerprint:
+        if fingerprint != self.fingerprint and not self._same_weights_in_fp16(weight_sample):
             raise ModelMismatchError(
                 f"mask bank was made for {self.base_model!r} (FFN fingerprint {self.fingerprint}), "
                 f"but the model {name!r} has FFN fingerprint {fingerprint}: different weights"

@@ -6,6 +6,7 @@ Loads validate everything and raise :class:`MaskBankError` naming what is wrong.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -89,8 +90,24 @@ def bank_to_tensors(bank: MaskBank) -> tuple[dict[str, torch.Tensor], dict[str, 
         "group_size": str(bank.group_size),
         "personas": json.dumps(table),
     }
+    if bank.weight_sample is not None:  # optional: readers that predate it ignore it (the checksum covers it)
+        metadata["weight_sample"] = base64.b64encode(bank.weight_sample.to(torch.float32).numpy().tobytes()).decode()
+        metadata["weight_dtype"] = bank.weight_dtype or "float32"
     metadata["checksum"] = _checksum(tensors, metadata)
     return tensors, metadata
+
+
+def _decode_weight_sample(metadata: dict[str, str], where: str) -> torch.Tensor | None:
+    encoded = metadata.get("weight_sample")
+    if encoded is None:
+        return None
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError as error:
+        raise MaskBankError(f"{where}: weight_sample is not valid base64") from error
+    if len(raw) % 4:
+        raise MaskBankError(f"{where}: weight_sample is not a whole number of float32 values")
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32).clone()
 
 
 def save_bank(bank: MaskBank, path: str | Path) -> None:
@@ -198,6 +215,8 @@ def load_bank(path: str | Path) -> MaskBank:
         group_size=group_size,
         personas=personas,
         permutation=None if permutation is None else permutation.to(torch.int64),
+        weight_sample=_decode_weight_sample(metadata, where),
+        weight_dtype=metadata.get("weight_dtype"),
     )
 
 

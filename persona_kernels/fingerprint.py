@@ -1,8 +1,14 @@
 """A short fingerprint of a model's FFN weights, so a mask bank refuses a model it was not made for.
 
 The fingerprint hashes the shapes and a fixed strided sample of every FFN weight, rounded to
-bfloat16, so the same checkpoint loaded in fp32, fp16 or bf16 gives the same fingerprint while
-a different checkpoint (or a fine-tuned one) does not.
+bfloat16, so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint while a
+different checkpoint (or a fine-tuned one) does not.
+
+fp16 is the exception: rounding to fp16 first and then to bf16 differs from rounding straight to
+bf16 in a few percent of values (and fp16 keeps fewer bits of tiny weights), so a checkpoint loaded
+in fp16 hashes differently. For that case a bank also keeps a small sample of the weights in fp32
+(:func:`ffn_weight_sample`) with the dtype they were read in; when either side is fp16 and the
+hashes differ, the samples are compared within rounding (:func:`samples_agree`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from collections.abc import Sequence
 import torch
 
 SAMPLES_PER_TENSOR = 4096
+CHECK_SAMPLES_PER_TENSOR = 8
+"""Values per FFN weight in the precision-tolerant sample (about 3 KB for a 30-layer model)."""
 
 
 def _sample(weight: torch.Tensor) -> bytes:
@@ -31,3 +39,24 @@ def ffn_fingerprint(layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Ten
             digest.update(str(tuple(weight.shape)).encode())
             digest.update(_sample(weight))
     return digest.hexdigest()[:32]
+
+
+def ffn_weight_sample(layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, str]:
+    """``(values, dtype)``: fp32 values at :data:`CHECK_SAMPLES_PER_TENSOR` fixed, spread positions of
+    every FFN weight (positions depend on shapes only), and the dtype the weights are held in."""
+    values = []
+    for w_gate, w_up, w_down in layers:
+        for weight in (w_gate, w_up, w_down):
+            flat = weight.detach().reshape(-1)
+            positions = torch.linspace(0, flat.numel() - 1, CHECK_SAMPLES_PER_TENSOR).round().long()
+            values.append(flat[positions.to(flat.device)].to(device="cpu", dtype=torch.float32))
+    dtype = str(layers[0][0].dtype).removeprefix("torch.") if layers else "float32"
+    return torch.cat(values) if values else torch.zeros(0), dtype
+
+
+def samples_agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two :func:`ffn_weight_sample` value sets are one checkpoint in different precisions:
+    each pair within two bf16 steps (relative 2^-6) plus fp16's smallest subnormal step."""
+    if a.shape != b.shape or a.numel() == 0:
+        return False
+    return bool(((a - b).abs() <= 2.0**-6 * torch.maximum(a.abs(), b.abs()) + 2.0**-23).all())

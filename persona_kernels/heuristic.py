@@ -127,13 +127,15 @@ def build_heuristic_bank(
     new bank is made for ``model`` (its name and FFN fingerprint); masks follow ``bank``'s channel
     permutation when it has one.
     """
-    from .hf.ffn import ffn_weights, model_ffn_shape, model_fingerprint, model_name
+    from .hf.ffn import ffn_weights, model_ffn_shape, model_fingerprint, model_name, model_weight_sample
 
     n_layers, d_ff, _ = model_ffn_shape(model)
+    sample, sample_dtype = model_weight_sample(model)
     if bank is None:
-        bank = MaskBank(model_name(model), model_fingerprint(model), n_layers, d_ff, group_size)
+        bank = MaskBank(model_name(model), model_fingerprint(model), n_layers, d_ff, group_size,
+                        weight_sample=sample, weight_dtype=sample_dtype)
     else:
-        bank.check_model(model_fingerprint(model), n_layers, d_ff, model_name(model))
+        bank.check_model(model_fingerprint(model), n_layers, d_ff, model_name(model), weight_sample=(sample, sample_dtype))
         if bank.group_size != group_size:
             raise ValueError(f"the bank uses group size {bank.group_size}, not {group_size}")
     down_norms = torch.stack([w_down.float().norm(dim=0).cpu() for _, _, w_down in ffn_weights(model)])  # [L, d_ff]

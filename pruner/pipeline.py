@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from persona_kernels.bank import MaskBank, PersonaMask
-from persona_kernels.hf.ffn import model_fingerprint, model_name
+from persona_kernels.hf.ffn import model_fingerprint, model_name, model_weight_sample
 
 from . import baselines as bl
 from .chat import answer_ids, split_prompts, system_prompt
@@ -44,6 +44,7 @@ class Pruner:
         model.eval()
         freeze(model)
         self.fingerprint = model_fingerprint(model)
+        self.weight_sample = model_weight_sample(model)
         self.model_name = model_name(model)
         self.n_groups = self.d_ff // self.config.group_size
         self.cache_dir = self.config.cache_path() / self.fingerprint[:16]
@@ -220,11 +221,12 @@ class Pruner:
         path = Path(path)
         if path.is_file():
             bank = MaskBank.load(path)
-            bank.check_model(self.fingerprint, self.n_layers, self.d_ff, self.model_name)
+            bank.check_model(self.fingerprint, self.n_layers, self.d_ff, self.model_name, weight_sample=self.weight_sample)
             if bank.group_size != self.config.group_size:
                 raise ValueError(f"bank {path} uses group size {bank.group_size}, this run {self.config.group_size}")
         else:
-            bank = MaskBank(self.model_name, self.fingerprint, self.n_layers, self.d_ff, self.config.group_size)
+            bank = MaskBank(self.model_name, self.fingerprint, self.n_layers, self.d_ff, self.config.group_size,
+                            weight_sample=self.weight_sample[0], weight_dtype=self.weight_sample[1])
         for mask in masks:
             bank.add(mask)
         bank.save(path)

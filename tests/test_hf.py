@@ -26,6 +26,7 @@ from persona_kernels.hf import (
     is_attached,
     model_ffn_shape,
     model_fingerprint,
+    model_weight_sample,
     persona,
     set_backend,
     set_persona,
@@ -81,7 +82,9 @@ def random_bank(model, n_personas: int = 2, scales: bool = True, permutation: bo
             output_bias=torch.randn(n_layers, d_model, generator=gen) * 0.2 if bias and index < n_personas - 1 else None,
         ))
     perm = torch.stack([torch.randperm(d_ff, generator=gen) for _ in range(n_layers)]) if permutation else None
-    return MaskBank("tiny", model_fingerprint(model), n_layers, d_ff, G, personas, permutation=perm)
+    sample, sample_dtype = model_weight_sample(model)
+    return MaskBank("tiny", model_fingerprint(model), n_layers, d_ff, G, personas, permutation=perm,
+                    weight_sample=sample, weight_dtype=sample_dtype)
 
 
 def tokens(batch: int = 2, seq: int = 9, seed: int = 0) -> torch.Tensor:
@@ -254,6 +257,27 @@ def test_generate_per_row_personas() -> None:
     with pytest.raises(ValueError, match="2 entries but the input has 3 rows"):
         generate_as(model, three, persona=["p1", "p2"], num_return_sequences=2, do_sample=False, max_new_tokens=2)
     assert current_persona(model) == [0]
+
+
+def test_float16_model_accepts_a_bank_made_in_another_precision(tmp_path: Path) -> None:
+    """fp16 rounding breaks the fingerprint hash (double rounding to bf16, fewer bits for tiny
+    weights); the bank's weight sample still recognises the checkpoint, and still refuses others."""
+    model = tiny_llama()
+    bank = random_bank(model)
+    bank.save(tmp_path / "bank.safetensors")
+    bank = MaskBank.load(tmp_path / "bank.safetensors")  # the sample survives the file
+    half = tiny_llama().half()
+    assert model_fingerprint(half) != bank.fingerprint  # why the sample is needed
+    attach_bank(half, bank)
+    ids = tokens()
+    attach_bank(model, bank)
+    torch.testing.assert_close(logits(half, ids, persona="p1").float(), logits(model, ids, persona="p1"), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ModelMismatchError, match="different weights"):
+        attach_bank(tiny_llama(seed=1).half(), bank)
+    without_sample = random_bank(tiny_llama())
+    without_sample.weight_sample = None  # a bank written before samples existed: the hash alone decides
+    with pytest.raises(ModelMismatchError, match="different weights"):
+        attach_bank(tiny_llama().half(), without_sample)
 
 
 def test_direct_forward_call_takes_the_persona() -> None:

@@ -16,7 +16,15 @@ from .attach import (
 )
 from .default_model import DEFAULT_MODEL_NAME, load_default_model, load_model
 from .export import export_pruned
-from .ffn import ffn_activation, ffn_weights, find_ffn_layers, model_ffn_shape, model_fingerprint, model_name
+from .ffn import (
+    ffn_activation,
+    ffn_weights,
+    find_ffn_layers,
+    model_ffn_shape,
+    model_fingerprint,
+    model_name,
+    model_weight_sample,
+)
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -37,6 +45,7 @@ __all__ = [
     "model_ffn_shape",
     "model_fingerprint",
     "model_name",
+    "model_weight_sample",
     "persona",
     "resolve_persona_ids",
     "set_backend",

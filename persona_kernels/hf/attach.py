@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..bank import DENSE_PERSONA_ID, DENSE_PERSONA_NAME, MaskBank, MaskBankError
-from ..fingerprint import ffn_fingerprint
+from ..fingerprint import ffn_fingerprint, ffn_weight_sample
 from ..layout import PackedFFN, pack_ffn, unpack_ffn
 from ..ops import masked_ffn, resolve_backend
 from ..reference import apply_output_bias
@@ -380,6 +380,7 @@ class Attachment:
     lookup: dict = field(default_factory=dict)  # name / id / None -> validated id, built once at attach
     hooks: list = field(default_factory=list)
     saved: list = field(default_factory=list)  # persona stack for per-call `persona=` kwargs
+    weight_sample: tuple[torch.Tensor, str] | None = None  # ffn_weight_sample at attach (weights are packed since)
 
 
 def attachment(model: nn.Module) -> Attachment | None:
@@ -430,8 +431,9 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
         raise ValueError("a mask bank is already attached to this model; call detach_bank(model) first")
     layers = find_ffn_layers(model)
     n_layers, d_ff, d_model = model_ffn_shape(model)
-    fingerprint = ffn_fingerprint(ffn_weights(model))
-    bank.check_model(fingerprint, n_layers, d_ff, model_name(model), d_model)
+    weights = ffn_weights(model)
+    fingerprint, weight_sample = ffn_fingerprint(weights), ffn_weight_sample(weights)
+    bank.check_model(fingerprint, n_layers, d_ff, model_name(model), d_model, weight_sample)
     device = layers[0].mlp.gate_proj.weight.device
     if backend is not None:
         resolve_backend(device, backend)  # fail now, not at the first forward
@@ -473,7 +475,8 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
     except BaseException:
         _restore_layers(converted)
         raise
-    info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend, lookup=_persona_lookup(bank))
+    info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend, lookup=_persona_lookup(bank),
+                      weight_sample=weight_sample)
     _configure_state(state, backend)
     object.__setattr__(model, _ATTR, info)
     info.hooks.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))

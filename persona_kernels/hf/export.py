@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..bank import DENSE_PERSONA_ID, MaskBank
-from ..fingerprint import ffn_fingerprint
+from ..fingerprint import ffn_fingerprint, ffn_weight_sample
 from ..masks import channel_keep
 
 EXPORT_INFO_FILE = "persona_export.json"
@@ -90,7 +90,8 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
     weights = ffn_weights(model)
     info = attachment(model)
     fingerprint = info.fingerprint if info is not None else ffn_fingerprint(weights)
-    bank.check_model(fingerprint, n_layers, d_ff, model_name(model), d_model)
+    weight_sample = info.weight_sample if info is not None else ffn_weight_sample(weights)
+    bank.check_model(fingerprint, n_layers, d_ff, model_name(model), d_model, weight_sample)
 
     bank_entry = None if persona_id == DENSE_PERSONA_ID else bank.personas[persona_id - 1]
     gains = None if bank_entry is None else bank_entry.input_gains

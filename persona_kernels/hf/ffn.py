@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..fingerprint import ffn_fingerprint
+from ..fingerprint import ffn_fingerprint, ffn_weight_sample
 
 # Activation names as Hugging Face configs spell them -> the op's names.
 _CONFIG_ACTIVATIONS = {
@@ -152,6 +152,16 @@ def model_ffn_shape(model: nn.Module) -> tuple[int, int, int]:
         raise ValueError(f"FFN layers have different shapes {sorted(shapes)}; a mask bank needs one d_ff")
     d_ff, d_model = shapes.pop()
     return len(layers), d_ff, d_model
+
+
+def model_weight_sample(model: nn.Module) -> tuple[torch.Tensor, str]:
+    """The precision-tolerant weight sample (:func:`persona_kernels.fingerprint.ffn_weight_sample`)."""
+    from .attach import attachment
+
+    info = attachment(model)
+    if info is not None:
+        return info.weight_sample
+    return ffn_weight_sample(ffn_weights(model))
 
 
 def model_fingerprint(model: nn.Module) -> str:
