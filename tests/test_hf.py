@@ -674,3 +674,25 @@ def test_attach_failing_midway_leaves_the_model_as_it_was(monkeypatch: pytest.Mo
     torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)
     attach_bank(model, random_bank(model))
     assert is_attached(model)
+
+
+def test_multimodal_gemma3_finds_the_language_model_layers() -> None:
+    """Gemma 3 checkpoints of 4B and up load as ``Gemma3ForConditionalGeneration``, whose vision
+    encoder also has layers with an (ungated) ``mlp``: the language model's layers must be chosen."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Gemma3Config(
+        text_config=dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=32, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4,
+    )
+    model = Gemma3ForConditionalGeneration(config).eval()
+    assert model_ffn_shape(model) == (2, 128, 64) and ffn_activation(model) == "gelu_tanh"
+    ids = tokens()
+    dense = logits(model, ids)
+    attach_bank(model, random_bank(model))
+    torch.testing.assert_close(logits(model, ids, persona=None), dense, atol=ATOL, rtol=1e-4)
+    assert not torch.allclose(logits(model, ids, persona="p1"), dense)

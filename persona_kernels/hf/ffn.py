@@ -2,7 +2,8 @@
 
 Supported: any model whose decoder layers hold an ``mlp`` with ``gate_proj``, ``up_proj`` and
 ``down_proj`` ``nn.Linear`` modules without bias and an ``act_fn`` that is SiLU or tanh-GELU:
-Llama (and SmolLM), Qwen2, Mistral, Gemma3 (text), and their relatives. Everything else raises
+Llama (and SmolLM), Qwen2, Mistral, Gemma3 (text-only and the multimodal language model), and their
+relatives. Everything else raises
 ``ValueError`` saying what is missing. Works on plain models and on models with a bank attached
 (:mod:`persona_kernels.hf.attach`), in which case weights are unpacked to the original order.
 """
@@ -46,10 +47,17 @@ class FFNLayer:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of decoder layers (the first one whose entries all have an ``mlp``)."""
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(layer, "mlp") for layer in module):
+    """The ``nn.ModuleList`` of decoder layers: the first whose entries all hold a gated ``mlp``
+    (``gate_proj``, or a :class:`~persona_kernels.hf.attach.MaskedMLP`), else the first whose
+    entries all hold an ``mlp`` (so a multimodal model's vision encoder, whose MLPs are not gated,
+    is passed over for its language model)."""
+    lists = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+             and all(hasattr(layer, "mlp") for layer in m)]
+    for module in lists:
+        if all(hasattr(layer.mlp, "gate_proj") or hasattr(layer.mlp, "gate_up") for layer in module):
             return module
+    if lists:
+        return lists[0]
     raise ValueError(
         f"{type(model).__name__}: no decoder layers with an `mlp` found; persona-kernels supports "
         "gated-FFN causal LMs (Llama, SmolLM, Qwen2, Mistral, Gemma3)"
