@@ -696,3 +696,16 @@ def test_multimodal_gemma3_finds_the_language_model_layers() -> None:
     attach_bank(model, random_bank(model))
     torch.testing.assert_close(logits(model, ids, persona=None), dense, atol=ATOL, rtol=1e-4)
     assert not torch.allclose(logits(model, ids, persona="p1"), dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cast_after_attach_equals_attach_after_cast(dtype: torch.dtype) -> None:
+    """The per-persona scales, gains and biases stay float32 when an attached model is cast, so
+    casting after attaching runs exactly like attaching to the cast model."""
+    bank = random_bank(tiny_llama())
+    before = attach_bank(tiny_llama().to(dtype), bank)
+    after = attach_bank(tiny_llama(), bank).to(dtype)
+    mlp = after.model.layers[0].mlp
+    assert mlp.gate_up.dtype == dtype and mlp.scales.dtype == mlp.input_gains.dtype == mlp.output_bias.dtype == torch.float32
+    ids = tokens()
+    torch.testing.assert_close(logits(after, ids, persona="p1"), logits(before, ids, persona="p1"), atol=0, rtol=0)

@@ -318,6 +318,21 @@ class MaskedMLP(nn.Module):
         # The emptied original MLP, kept (unregistered) so detach_bank can restore it.
         object.__setattr__(self, "_original", original)
 
+    FLOAT32_TABLES = ("scales", "input_gains", "output_bias")
+    """Per-persona tables the kernels read in float32, whatever the weights' dtype."""
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply``, except that a dtype cast (``model.half()``, ``.to(torch.bfloat16)``)
+        leaves the float32 per-persona tables in float32: they follow the device only, as when a bank
+        is attached to a model cast beforehand."""
+        tables = {name: self._buffers[name] for name in self.FLOAT32_TABLES if self._buffers.get(name) is not None}
+        result = super()._apply(fn, recurse)
+        for name, before in tables.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return result
+
     @property
     def packed(self) -> PackedFFN:
         """The layer's weights as a :class:`PackedFFN` (views, no copy)."""

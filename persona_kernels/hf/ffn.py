@@ -2,10 +2,10 @@
 
 Supported: any model whose decoder layers hold an ``mlp`` with ``gate_proj``, ``up_proj`` and
 ``down_proj`` ``nn.Linear`` modules without bias and an ``act_fn`` that is SiLU or tanh-GELU:
-Llama (and SmolLM), Qwen2, Mistral, Gemma3 (text-only and the multimodal language model), and their
-relatives. Everything else raises
-``ValueError`` saying what is missing. Works on plain models and on models with a bank attached
-(:mod:`persona_kernels.hf.attach`), in which case weights are unpacked to the original order.
+Llama (and SmolLM), Qwen2, Mistral, Gemma3 (text-only, and the language model of the multimodal
+one), and their relatives. Everything else raises ``ValueError`` saying what is missing. Works on
+plain models and on models with a bank attached (:mod:`persona_kernels.hf.attach`), in which case
+weights are unpacked to the original order.
 """
 
 from __future__ import annotations
