@@ -709,3 +709,19 @@ def test_cast_after_attach_equals_attach_after_cast(dtype: torch.dtype) -> None:
     assert mlp.gate_up.dtype == dtype and mlp.scales.dtype == mlp.input_gains.dtype == mlp.output_bias.dtype == torch.float32
     ids = tokens()
     torch.testing.assert_close(logits(after, ids, persona="p1"), logits(before, ids, persona="p1"), atol=0, rtol=0)
+
+
+def test_persona_specs_accepted_and_refused() -> None:
+    """Names, integer ids, None, and lists, tuples, tensors or NumPy arrays of them resolve; a bool,
+    bytes or a nested list is refused by name instead of being read as something else."""
+    import numpy as np
+
+    from persona_kernels.hf.attach import resolve_persona_ids
+
+    bank = random_bank(tiny_llama())
+    for spec, ids in (("p1", [1]), (None, [0]), (2, [2]), ([1, "p2", None], [1, 2, 0]), (torch.tensor([1, 2]), [1, 2]),
+                      (torch.tensor(2), [2]), (np.array([2, 1]), [2, 1]), (np.int64(2), [2]), (("p2",), [2])):
+        assert resolve_persona_ids(bank, spec) == ids, spec
+    for spec in (True, [False], b"p1", [["p1", "p2"], "p2"], 1.5):
+        with pytest.raises(MaskBankError, match="a persona is a name"):
+            resolve_persona_ids(bank, spec)

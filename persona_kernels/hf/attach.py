@@ -556,20 +556,29 @@ def _configure_state(state: PersonaState, backend: str | None) -> None:
 
 
 def resolve_persona_ids(bank: MaskBank, persona) -> list[int]:
-    """Validate a persona spec (name/id/None or a list of them) against ``bank``; return the ids."""
-    if persona is None or isinstance(persona, str):
-        return [bank.persona_id(persona)]
-    if isinstance(persona, torch.Tensor):
-        persona = persona.flatten().tolist()
-    if isinstance(persona, Sequence):
+    """Validate a persona spec (name/id/None, or a list, tuple, tensor or NumPy array of them) against
+    ``bank``; return the ids."""
+    if hasattr(persona, "tolist") and getattr(persona, "ndim", 0) > 0:  # torch tensors, NumPy arrays
+        persona = persona.reshape(-1).tolist()
+    if isinstance(persona, Sequence) and not isinstance(persona, (str, bytes)):
         if not persona:
             raise ValueError("a persona list needs at least one entry")
-        return [resolve_persona_ids(bank, entry)[0] for entry in persona]
+        return [_resolve_one(bank, entry) for entry in persona]
+    return [_resolve_one(bank, persona)]
+
+
+def _resolve_one(bank: MaskBank, entry) -> int:
+    """One persona: a name, an integer id (not a bool), or None."""
+    if entry is None or isinstance(entry, str):
+        return bank.persona_id(entry)
+    nested = isinstance(entry, Sequence) or getattr(entry, "ndim", 0) > 0
     try:
-        index = operator.index(persona)
+        if isinstance(entry, (bool, bytes)) or nested:
+            raise TypeError
+        index = operator.index(entry)
     except TypeError as error:
-        raise MaskBankError(f"a persona is a name, an id, None or a list of those; got {persona!r}") from error
-    return [bank.persona_id(int(index))]
+        raise MaskBankError(f"a persona is a name, an integer id, None or a list of those; got {entry!r}") from error
+    return bank.persona_id(int(index))
 
 
 def _persona_lookup(bank: MaskBank) -> dict:
