@@ -187,6 +187,16 @@ def load_bank(path: str | Path) -> MaskBank:
         table = json.loads(metadata["personas"])
     except (KeyError, json.JSONDecodeError) as error:
         raise MaskBankError(f"{where}: persona table is missing or not valid JSON") from error
+    if not isinstance(table, list):
+        raise MaskBankError(f"{where}: persona table must be a JSON list, got {type(table).__name__}")
+    for index, entry in enumerate(table):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise MaskBankError(f"{where}: persona table entry {index} is not an object with a string name")
+        for key in ("description", "method"):
+            if not isinstance(entry.get(key, ""), str):
+                raise MaskBankError(f"{where}: persona table entry {index}: {key} must be a string")
+        if not isinstance(entry.get("report", {}), dict):
+            raise MaskBankError(f"{where}: persona table entry {index}: report must be an object")
     n_groups, n_personas = d_ff // group_size, len(table)
     keep = _decode_keep(tensors, n_personas, n_layers, n_groups, where)
     scales = _decode_scales(tensors, table, keep, group_size, d_ff, where)

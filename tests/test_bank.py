@@ -167,6 +167,11 @@ BAD_FILES = {
     "table-ids": (_edit_table("id", 5), "persona table ids"),
     "duplicate-names": (_edit_table("name", "persona-0"), "duplicate persona names"),
     "reserved-name": (_edit_table("name", "dense"), "reserved"),
+    "table-entry-no-name": (lambda t, m: m.__setitem__("personas", json.dumps([{"id": 1}, {"id": 2}])), "string name"),
+    "table-entry-not-object": (lambda t, m: m.__setitem__("personas", json.dumps(["a", "b"])), "string name"),
+    "table-not-list": (lambda t, m: m.__setitem__("personas", json.dumps({"a": 1})), "must be a JSON list"),
+    "description-null": (_edit_table("description", None), "description must be a string"),
+    "weight-sample-not-base64": (lambda t, m: m.__setitem__("weight_sample", "not base64!"), "weight_sample"),
 }
 
 
