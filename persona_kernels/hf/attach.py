@@ -14,7 +14,7 @@ than any before) and switch personas between replays, never inside a capture.
 Persona specs everywhere: a persona name, an id (0 = dense), ``None``/``"dense"`` (the dense
 model), or a list of those, one per batch row (row ``b`` of the batch uses entry ``b``; if the
 batch is ``k`` times longer than the list, as with ``num_return_sequences=k``, each entry covers
-``k`` consecutive rows). Names and ids are validated on the host when the persona is set, so
+``k`` consecutive rows; the list's length must divide the caller's batch). Names and ids are validated on the host when the persona is set, so
 the op itself runs with ``check_ids=False``.
 
 Ways to choose the persona::
@@ -27,6 +27,10 @@ Ways to choose the persona::
     model.generate(**inputs, persona="pirate")        # one generate call
     generate_as(model, inputs, persona="pirate", max_new_tokens=20)
     detach_bank(model)                                # plain MLPs again
+
+Limits: the attached model is for inference (the masked FFN op has no backward); it holds its own
+copy of the bank's tables as of attach, so a persona added to or changed in the bank afterwards
+needs ``detach_bank`` and ``attach_bank`` again.
 """
 
 from __future__ import annotations
