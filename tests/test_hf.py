@@ -725,3 +725,32 @@ def test_persona_specs_accepted_and_refused() -> None:
     for spec in (True, [False], b"p1", [["p1", "p2"], "p2"], 1.5):
         with pytest.raises(MaskBankError, match="a persona is a name"):
             resolve_persona_ids(bank, spec)
+
+
+def test_attach_keeps_and_detach_restores_instance_level_methods() -> None:
+    """Models dispatched by accelerate carry an instance-level ``forward`` (its device hook): the
+    persona wrapper calls it rather than the class's, and detaching puts it back, as for ``generate``."""
+    import functools
+
+    model = tiny_llama()
+    calls = []
+
+    def hooked_forward(module, *args, **kwargs):
+        calls.append("forward")
+        return type(module).forward(module, *args, **kwargs)
+
+    def own_generate(*args, **kwargs):
+        calls.append("generate")
+        return type(model).generate(model, *args, **kwargs)
+
+    model.forward = functools.partial(hooked_forward, model)
+    model.generate = own_generate
+    hook, generate_fn = model.forward, model.generate
+    attach_bank(model, random_bank(model))
+    ids = tokens()
+    logits(model, ids, persona="p1")
+    model.forward(input_ids=ids, persona="p2")
+    model.generate(ids, persona="p1", max_new_tokens=1, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert calls.count("forward") >= 3 and "generate" in calls
+    detach_bank(model)
+    assert model.forward is hook and model.generate is generate_fn

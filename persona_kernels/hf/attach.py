@@ -515,8 +515,7 @@ def detach_bank(model: nn.Module) -> nn.Module:
         hook.remove()
     object.__delattr__(model, _ATTR)
     for name in ("generate", "forward"):
-        if name in model.__dict__:
-            object.__delattr__(model, name)
+        _remove_persona_keyword(model, name)
     return model
 
 
@@ -694,23 +693,45 @@ def _forward_hook(model, args, output):
     return output
 
 
+_INNER = "_persona_kernels_inner_{}"
+"""Attribute holding an instance-level ``generate``/``forward`` found at attach (accelerate's device
+hooks put one there), which the persona wrapper calls and :func:`detach_bank` puts back."""
+
+
 def _with_persona_keyword(model: nn.Module, name: str):
-    """The class's ``generate`` or ``forward`` bound to ``model`` with an optional ``persona=`` keyword
-    (name/id/None or one per input row): ``forward`` for callers that call it directly (PEFT
-    wrappers do), bypassing the hooks that read it from ``model(...)``. Bound as a method, not a
-    closure over ``model``, so a deep copy binds its own copy; the signature is the class method's
-    (transformers inspects ``forward``'s parameters)."""
+    """``model``'s ``generate`` or ``forward`` with an optional ``persona=`` keyword (name/id/None or
+    one per input row): ``forward`` for callers that call it directly (PEFT wrappers do), bypassing
+    the hooks that read it from ``model(...)``.
+
+    It calls the instance-level method found there at attach (kept on the model, so a deep copy
+    keeps its own), else the class's. Bound as a method, not a closure over ``model``, so a deep copy
+    binds its own copy; the signature is the class method's (transformers inspects ``forward``).
+    """
+    inner = model.__dict__.get(name)
+    if inner is not None:
+        object.__setattr__(model, _INNER.format(name), inner)
     method = getattr(type(model), name)
+    inner_name = _INNER.format(name)
 
     @functools.wraps(method)
     def with_persona(self: nn.Module, *args, persona=_UNSET, **kwargs):
+        call = self.__dict__.get(inner_name) or functools.partial(method, self)
         if persona is _UNSET:
-            return method(self, *args, **kwargs)
+            return call(*args, **kwargs)
         with _persona_cm(self, persona) as ids:
             _check_rows_divide_batch(ids, _input_shape(args, kwargs))
-            return method(self, *args, **kwargs)
+            return call(*args, **kwargs)
 
     return types.MethodType(with_persona, model)
+
+
+def _remove_persona_keyword(model: nn.Module, name: str) -> None:
+    """Undo :func:`_with_persona_keyword`: drop the wrapper, put back what was there before."""
+    if name in model.__dict__:
+        object.__delattr__(model, name)
+    inner = model.__dict__.pop(_INNER.format(name), None)
+    if inner is not None:
+        object.__setattr__(model, name, inner)
 
 
 def _check_rows_divide_batch(ids: list[int], shape: tuple[int, int] | None) -> None:
