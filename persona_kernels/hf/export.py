@@ -76,10 +76,10 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
     """
     from safetensors.torch import save_file
 
-    _check_replaceable(Path(out_dir))
-
     from .attach import MaskedMLP, attachment, resolve_persona_ids
     from .ffn import ffn_weights, find_ffn_layers, model_ffn_shape, model_name
+
+    _check_replaceable(Path(out_dir))
 
     ids = resolve_persona_ids(bank, persona)
     if len(ids) != 1:
