@@ -48,7 +48,8 @@ def ffn_weight_sample(layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.T
     for w_gate, w_up, w_down in layers:
         for weight in (w_gate, w_up, w_down):
             flat = weight.detach().reshape(-1)
-            positions = torch.linspace(0, flat.numel() - 1, CHECK_SAMPLES_PER_TENSOR).round().long()
+            last = flat.numel() - 1  # integer positions: float ones round past the end above 2^24 elements
+            positions = torch.tensor([i * last // (CHECK_SAMPLES_PER_TENSOR - 1) for i in range(CHECK_SAMPLES_PER_TENSOR)])
             values.append(flat[positions.to(flat.device)].to(device="cpu", dtype=torch.float32))
     dtype = str(layers[0][0].dtype).removeprefix("torch.") if layers else "float32"
     return torch.cat(values) if values else torch.zeros(0), dtype

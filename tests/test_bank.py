@@ -318,3 +318,14 @@ def test_bank_refuses_other_model() -> None:
     with pytest.raises(ModelMismatchError, match="hidden size"):
         gained.check_model("f" * 32, N_LAYERS, D_FF, "other-width", 2 * D_MODEL)
     assert issubclass(ModelMismatchError, MaskBankError)
+
+
+def test_weight_sample_positions_stay_inside_large_weights() -> None:
+    """Sample positions are integers: float ones round past the end of a weight above 2^24
+    elements (every FFN matrix of a 3B-or-larger model)."""
+    from persona_kernels.fingerprint import CHECK_SAMPLES_PER_TENSOR, ffn_weight_sample
+
+    weight = (torch.arange(2**25) % 1000).float().view(2048, 16384)  # small values: exact in float32
+    values, dtype = ffn_weight_sample([(weight, weight, weight.t())])
+    assert dtype == "float32" and values.shape == (3 * CHECK_SAMPLES_PER_TENSOR,)
+    assert values[0] == 0 and values[CHECK_SAMPLES_PER_TENSOR - 1] == (2**25 - 1) % 1000  # first and last element
