@@ -257,6 +257,13 @@ def test_generate_per_row_personas() -> None:
     with pytest.raises(ValueError, match="2 entries but the input has 3 rows"):
         generate_as(model, three, persona=["p1", "p2"], num_return_sequences=2, do_sample=False, max_new_tokens=2)
     assert current_persona(model) == [0]
+    # one persona per returned sequence of one prompt: the same prompt answered as three personas
+    one = tokens(batch=1, seq=6)
+    greedy = dict(do_sample=True, top_k=1, max_new_tokens=4, attention_mask=torch.ones_like(one))  # sampling from one token
+    three_ways = model.generate(one, persona=["p1", "p2", None], num_return_sequences=3, **greedy)
+    for row, spec in enumerate(["p1", "p2", None]):
+        alone = generate_as(model, one, persona=spec, **greedy)
+        assert torch.equal(three_ways[row : row + 1], alone)
 
 
 def test_float16_model_accepts_a_bank_made_in_another_precision(tmp_path: Path) -> None:
@@ -319,6 +326,13 @@ def test_deep_copy_generates_with_its_own_weights() -> None:
     model = tiny_llama()
     attach_bank(model, random_bank(model))
     twin = copy.deepcopy(model)
+    probe = tokens()
+    twin_p1 = logits(twin, probe, persona="p1")  # the copy's own switches reach its own buffers
+    torch.testing.assert_close(twin_p1, logits(model, probe, persona="p1"), atol=ATOL, rtol=1e-4)
+    assert not torch.allclose(twin_p1, logits(twin, probe))
+    set_persona(twin, ["p1", "p2"])
+    assert attachment(twin).state.row_table[:3].tolist() == [2, 1, 2] and current_persona(model) == [0]
+    set_persona(twin, None)
     with torch.no_grad():
         twin.lm_head.weight.mul_(-1)
     ids = tokens(batch=1, seq=6)
@@ -754,3 +768,45 @@ def test_attach_keeps_and_detach_restores_instance_level_methods() -> None:
     assert calls.count("forward") >= 3 and "generate" in calls
     detach_bank(model)
     assert model.forward is hook and model.generate is generate_fn
+
+
+def test_detach_leaves_a_forward_wrapper_installed_after_attach() -> None:
+    """A wrapper put over the attached model's forward later (accelerate's hooks) survives detaching."""
+    import functools
+
+    model = tiny_llama()
+    attach_bank(model, random_bank(model))
+    calls = []
+
+    def hooked(module, *args, **kwargs):
+        calls.append(1)
+        return type(module).forward(module, *args, **kwargs)
+
+    later = functools.partial(hooked, model)
+    model.forward = later
+    detach_bank(model)
+    assert model.forward is later
+    logits(model, tokens())
+    assert calls
+
+
+def test_attach_to_a_bare_decoder_and_failures_after_the_layers_roll_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model class without ``generate`` (a bare ``LlamaModel``) attaches; a failure after the layers
+    are converted (here: registering the hooks) leaves nothing of the attachment behind."""
+    model = tiny_llama()
+    bank = random_bank(model)
+    attach_bank(model.model, bank)  # the decoder alone: no generate to wrap
+    assert is_attached(model.model) and "generate" not in model.model.__dict__
+    detach_bank(model.model)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated hook failure")
+
+    monkeypatch.setattr(type(model), "register_forward_hook", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        attach_bank(model, bank)
+    monkeypatch.undo()
+    assert not is_attached(model) and not model._forward_pre_hooks and "forward" not in model.__dict__
+    assert not any(type(layer.mlp).__name__ == "MaskedMLP" for layer in model.model.layers)
+    attach_bank(model, bank)
+    assert is_attached(model)

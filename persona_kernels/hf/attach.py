@@ -148,6 +148,20 @@ class PersonaState(nn.Module):
             _configure_state(self, self.requested_backend)
         return result
 
+    _ALIASES = ("_table", "_count", "_rows", "_tokens", "_table_np", "_staging", "_staging_np", "_events", "_slot")
+
+    def __getstate__(self) -> dict:
+        """State for ``copy.deepcopy`` and pickling, without the aliases :meth:`_bind` derives (a
+        copied NumPy view would no longer share the copied table's memory; CUDA events do not copy)."""
+        state = self.__dict__.copy()
+        for key in self._ALIASES:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._bind()
+
     @property
     def row_ids(self) -> torch.Tensor:
         """int32 ``[capacity_rows]`` device buffer of the current persona list (a view of ``row_table``)."""
@@ -491,17 +505,18 @@ def attach_bank(model: nn.Module, bank: MaskBank, *, backend: str | None = None)
             object.__setattr__(mlp, "_persona_kernels_requires_grad", grads)
             layer.parent.mlp = masked
             converted.append(layer)
+        info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend, lookup=_persona_lookup(bank),
+                          weight_sample=weight_sample)
+        _configure_state(state, backend)
+        object.__setattr__(model, _ATTR, info)
+        info.hooks.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))
+        info.hooks.append(model.register_forward_hook(_forward_hook, always_call=True))
+        for name in ("generate", "forward"):
+            if hasattr(type(model), name):  # a bare decoder (LlamaModel) has no generate
+                object.__setattr__(model, name, _with_persona_keyword(model, name))
     except BaseException:
-        _restore_layers(converted)
+        _undo_attach(model, converted)
         raise
-    info = Attachment(bank=bank, state=state, fingerprint=fingerprint, backend=backend, lookup=_persona_lookup(bank),
-                      weight_sample=weight_sample)
-    _configure_state(state, backend)
-    object.__setattr__(model, _ATTR, info)
-    info.hooks.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))
-    info.hooks.append(model.register_forward_hook(_forward_hook, always_call=True))
-    for name in ("generate", "forward"):
-        object.__setattr__(model, name, _with_persona_keyword(model, name))
     return model
 
 
@@ -509,14 +524,19 @@ def detach_bank(model: nn.Module) -> nn.Module:
     """Undo :func:`attach_bank`: restore plain MLPs with weights unpacked to the original order; return ``model``."""
     from .ffn import find_ffn_layers
 
-    info = _require(model)
-    _restore_layers(find_ffn_layers(model))
-    for hook in info.hooks:
+    _require(model)
+    _undo_attach(model, find_ffn_layers(model))
+    return model
+
+
+def _undo_attach(model: nn.Module, layers) -> None:
+    """Restore ``layers``' original MLPs and remove whatever of the attachment exists (also halfway)."""
+    _restore_layers(layers)
+    info = model.__dict__.pop(_ATTR, None)
+    for hook in info.hooks if info is not None else ():
         hook.remove()
-    object.__delattr__(model, _ATTR)
     for name in ("generate", "forward"):
         _remove_persona_keyword(model, name)
-    return model
 
 
 def _restore_layers(layers) -> None:
@@ -719,30 +739,47 @@ def _with_persona_keyword(model: nn.Module, name: str):
         if persona is _UNSET:
             return call(*args, **kwargs)
         with _persona_cm(self, persona) as ids:
-            _check_rows_divide_batch(ids, _input_shape(args, kwargs))
+            per_row = _samples_per_row(self, kwargs) if name == "generate" else 1
+            _check_rows_divide_batch(ids, _input_shape(args, kwargs), per_row)
             return call(*args, **kwargs)
 
+    with_persona._persona_kernels_wrapper = True
     return types.MethodType(with_persona, model)
 
 
 def _remove_persona_keyword(model: nn.Module, name: str) -> None:
-    """Undo :func:`_with_persona_keyword`: drop the wrapper, put back what was there before."""
-    if name in model.__dict__:
-        object.__delattr__(model, name)
+    """Undo :func:`_with_persona_keyword` when the wrapper is still what the model holds: put back what
+    was there before. A wrapper installed over ours since (accelerate's hooks) is left in place; it
+    calls ours, which passes straight through without ``persona=``."""
+    current = model.__dict__.get(name)
+    if not getattr(getattr(current, "__func__", None), "_persona_kernels_wrapper", False):
+        return
+    object.__delattr__(model, name)
     inner = model.__dict__.pop(_INNER.format(name), None)
     if inner is not None:
         object.__setattr__(model, name, inner)
 
 
-def _check_rows_divide_batch(ids: list[int], shape: tuple[int, int] | None) -> None:
-    """Refuse a persona list whose length does not divide the caller's batch: ``generate`` expands the
-    batch for ``num_return_sequences`` or beams, after which a wrong length could divide the
-    expanded batch and mix personas within one input row."""
-    if shape is not None and shape[0] % len(ids):
-        raise ValueError(
-            f"persona list has {len(ids)} entries but the input has {shape[0]} rows; give one persona per row "
-            "(or a single persona for the whole batch)"
-        )
+def _samples_per_row(model: nn.Module, kwargs: dict) -> int:
+    """Output rows ``generate`` makes per input row without beam search (``num_return_sequences``);
+    1 with beams, whose candidates of one row must share its persona."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    samples = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    return 1 if beams > 1 else int(samples)
+
+
+def _check_rows_divide_batch(ids: list[int], shape: tuple[int, int] | None, per_row: int = 1) -> None:
+    """Refuse a persona list that neither divides the caller's batch nor gives one persona per output
+    row (``batch * per_row`` entries): ``generate`` expands the batch for ``num_return_sequences`` or
+    beams, after which another length could divide the expanded batch and mix personas within one
+    input row."""
+    if shape is None or shape[0] % len(ids) == 0 or len(ids) == shape[0] * per_row:
+        return
+    raise ValueError(
+        f"persona list has {len(ids)} entries but the input has {shape[0]} rows; give one persona per row "
+        "(or a single persona for the whole batch, or one per returned sequence)"
+    )
 
 
 _persona_cm = persona
@@ -762,5 +799,5 @@ def generate_as(model: nn.Module, inputs, persona=None, **generate_kwargs):
     else:
         raise TypeError(f"inputs must be an input_ids tensor or a mapping of model inputs, got {type(inputs).__name__}")
     with _persona_cm(model, persona) as ids:
-        _check_rows_divide_batch(ids, _input_shape((), kwargs))
+        _check_rows_divide_batch(ids, _input_shape((), kwargs), _samples_per_row(model, kwargs))
         return type(model).generate(model, **kwargs)
