@@ -14,8 +14,10 @@ than any before) and switch personas between replays, never inside a capture.
 Persona specs everywhere: a persona name, an id (0 = dense), ``None``/``"dense"`` (the dense
 model), or a list of those, one per batch row (row ``b`` of the batch uses entry ``b``; if the
 batch is ``k`` times longer than the list, as with ``num_return_sequences=k``, each entry covers
-``k`` consecutive rows; the list's length must divide the caller's batch). Names and ids are validated on the host when the persona is set, so
-the op itself runs with ``check_ids=False``.
+``k`` consecutive rows; the list's length must divide the caller's batch, or, for ``generate``
+without beams, equal it times ``num_return_sequences``: one persona per returned sequence). Names
+and ids are validated on the host when the persona is set, so the op itself runs with
+``check_ids=False``.
 
 Ways to choose the persona::
 
