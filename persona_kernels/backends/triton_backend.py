@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from ..masks import num_words
-from ..reference import ACTIVATIONS
+from ..reference import ACTIVATIONS, apply_input_gains
 from ..step_meta import StepMeta, max_tiles
 
 try:
@@ -40,12 +40,11 @@ PREFILL_BLOCK_M = 16 if INTERPRET else 64
 """Prefill tile rows of the metadata built on the fly (small under the interpreter to cover tiling)."""
 DECODE_FUSED_GAINS_MAX_BLOCK_T = 16
 """Decode multiplies tokens by their gains inside the gate/up kernel up to this token block; above
-it a separate pass writes the gained tokens once. Each gate/up program re-loads a
+it the tokens are multiplied once beforehand (``reference.apply_input_gains``, the same
+rounding). Each gate/up program re-loads a
 ``[BLOCK_T, d]`` fp32 gains tile, more bytes than its own weight chunk once ``BLOCK_T`` passes
 ``BLOCK_C``, and pipelines it through shared memory: on sm_90 no fp32 config fits at 64 tokens
 (``python -m persona_kernels.triton_kernels.compile_check``)."""
-GAIN_ROWS_BLOCK = 1024
-"""Elements per program of ``gain_rows_kernel``."""
 REDUCE_SPLITS_BLOCK = 1024
 """Elements per program of ``reduce_splits_kernel``."""
 
@@ -107,12 +106,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
     t_blocks = triton.cdiv(T, block_t)
     union_ids, union_count = meta.union_ids[layer], meta.union_count[layer : layer + 1]
     if gains is not None and block_t > DECODE_FUSED_GAINS_MAX_BLOCK_T:
-        gained = torch.empty(T, d, dtype=x.dtype, device=x.device)
-        decode.gain_rows_kernel[(T, triton.cdiv(d, GAIN_ROWS_BLOCK))](
-            x, x.stride(0), meta.token_ids, gains, gained, d,
-            BF16_RNE_BY_HAND=flags["BF16_RNE_BY_HAND"], BLOCK=GAIN_ROWS_BLOCK,
-        )
-        x, gains = gained, None
+        x, gains = apply_input_gains(x, gains, meta.token_ids[:T]), None
     h = torch.empty(T, d_ff, dtype=x.dtype, device=x.device)
     decode.decode_gate_up_kernel[lambda m: (t_blocks, triton.cdiv(d_ff, m["BLOCK_C"]))](
         x, x.stride(0), gate_up, meta.token_ids, bits, bits.shape[1],

@@ -149,9 +149,6 @@ def variants(quick: bool = False) -> Iterator[Variant]:
                            {"FP32_DOT": fp32_dot, "BLOCK_M": launcher.PREFILL_BLOCK_M})
         yield from _expand("decode.reduce_splits_kernel", kernels, dtype,
                            {"part_ptr": "*fp32", "out_ptr": ptr}, {"BLOCK": launcher.REDUCE_SPLITS_BLOCK})
-        yield from _expand("decode.gain_rows_kernel", kernels, dtype,
-                           {"x_ptr": ptr, "gains_ptr": "*fp32", "out_ptr": ptr},
-                           {"BF16_RNE_BY_HAND": False, "BLOCK": launcher.GAIN_ROWS_BLOCK})
 
 
 def _expand(name: str, kernels: dict, dtype: str, types: dict[str, str], constexprs: dict) -> Iterator[Variant]:

@@ -12,8 +12,8 @@ Three launches, each reading its weights once per token block:
 3. :func:`reduce_splits_kernel`: sums the ``S`` partials in a fixed order (deterministic, so CUDA
    graph replays are bitwise equal) and casts to the output dtype.
 
-With input gains and more than 16 tokens, :func:`gain_rows_kernel` first writes the gained
-tokens once (the gate/up kernel fuses the gains only for small token blocks).
+With input gains and more than 16 tokens, the launcher multiplies the tokens by their gains once
+beforehand (the gate/up kernel fuses the gains only for small token blocks).
 
 Union ids and their count are read from device memory (:class:`persona_kernels.step_meta.StepMeta`),
 so a captured graph stays valid when the batch's personas change.
@@ -168,25 +168,3 @@ def reduce_splits_kernel(
     for s in range(0, S):
         acc += tl.load(part_ptr + s * T * d + offs, mask=ok, other=0.0)
     tl.store(out_ptr + (offs // d).to(tl.int64) * stride_ot + offs % d, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def gain_rows_kernel(
-    x_ptr, stride_xt,          # [T, d], unit column stride
-    token_ids_ptr,             # [T] int32 persona of each token
-    gains_ptr,                 # [P, d] fp32 input gains
-    out_ptr,                   # [T, d] contiguous, x's dtype
-    d,
-    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Grid ``(T, cdiv(d, BLOCK))``: ``out[t] = x[t] * gains[persona(t)]``, rounded as ``apply_input_gains``.
-
-    The decode launcher runs it before :func:`decode_gate_up_kernel` when token blocks are large,
-    instead of having every channel chunk's program re-load and re-multiply the gains."""
-    t = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = k < d
-    persona = tl.load(token_ids_ptr + t).to(tl.int64)
-    xa = tl.load(x_ptr + t * stride_xt + k, mask=ok, other=0.0)
-    gain = tl.load(gains_ptr + persona * d + k, mask=ok, other=0.0)
-    tl.store(out_ptr + t * d + k, gain_tokens(xa, gain, BF16_RNE_BY_HAND), mask=ok)
