@@ -143,10 +143,14 @@ class PersonaState(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``share_memory``, ...), then re-bind the aliases to
         the buffers' (possibly new) memory, and re-resolve the backend when the device type changed."""
-        device_type = self._table.device.type
+        before = (self._table.device.type, self._table.data_ptr(), self._tokens.data_ptr())
         result = super()._apply(fn, recurse)
-        self._bind()  # also when the tensor object stayed and its storage moved (share_memory_)
-        if self._table.device.type != device_type:
+        table, tokens = self._buffers["row_table"], self._buffers["token_ids_buffer"]
+        # Storage can move under the same tensor objects (share_memory_); the state is applied once per
+        # layer that holds it, so re-bind (new pinned staging on CUDA) only when something moved.
+        if (table.device.type, table.data_ptr(), tokens.data_ptr()) != before or table is not self._table:
+            self._bind()
+        if table.device.type != before[0]:
             _configure_state(self, self.requested_backend)
         return result
 
