@@ -15,6 +15,8 @@ Methods, timed per (tokens, personas in the batch, density) with ``triton.testin
 - ``ours_gains`` (decode sizes only): ``ours_scales`` with per-persona FFN input gains, which the
   kernels multiply into each token as they load it (checked against the oracle on tokens
   pre-multiplied by :func:`persona_kernels.reference.apply_input_gains`).
+- ``ours_bias`` (decode sizes only): ``ours_gains`` plus the per-persona FFN output bias, which the
+  dispatcher adds after the Triton kernels in a separate pass (:func:`persona_kernels.reference.apply_output_bias`).
 - ``cuda``: the CUDA C++ backend (``persona_kernels.backends.cuda_backend``, auto path, caller-owned
   output and workspace) on the same batch, when the extension is built and a GPU is present.
 - ``prepare``: :meth:`StepMeta.prepare` alone (once per step, shared by all layers).
@@ -177,7 +179,7 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     from benchmarks.common import Rotating
     from persona_kernels.backends.triton_backend import choose_path, masked_ffn_triton
     from persona_kernels.masks import keep_to_bits
-    from persona_kernels.reference import apply_input_gains
+    from persona_kernels.reference import apply_input_gains, apply_output_bias
     from persona_kernels.step_meta import StepMeta
 
     w_gate, w_up, w_down, packed = weights["gate"], weights["up"], weights["down"], weights["packed"]
@@ -198,6 +200,7 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     channel_keep = keep.repeat_interleave(G, dim=1)
     scales = (0.5 + torch.rand(personas, d_ff, generator=gen)).to(device)
     gains = (0.5 + torch.rand(personas, d, generator=gen)).to(device)
+    bias = (0.1 * torch.randn(personas, d, generator=gen)).to(device)
     sliced, sliced_scaled = [], []
     for p in range(personas):
         chans = channel_keep[p].nonzero().flatten().to(device)
@@ -227,6 +230,9 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     def ours_gains(x):
         return ours(x, None, True, gains)
 
+    def ours_bias(x):
+        return apply_output_bias(ours_gains(x), bias, ids)
+
     def ours_loop(x):
         for m, lo, hi in zip(loop_metas, bounds[:-1], bounds[1:]):
             masked_ffn_triton(x[lo:hi], gu, dn, ids[lo:hi], bits, group_size=G, meta=m, out=out[lo:hi],
@@ -251,6 +257,9 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     gained = oracle(apply_input_gains(x0, gains, ids), sliced_scaled).float()
     err = (ours_gains(x0).float() - gained).abs().max().item()
     assert err <= 0.02 * max(1.0, gained.abs().max().item()), f"kernel with input gains disagrees with the oracle: {err:.3e}"
+    biased = apply_output_bias(gained.to(dtype), bias, ids).float()
+    err = (ours_bias(x0).float() - biased).abs().max().item()
+    assert err <= 0.02 * max(1.0, biased.abs().max().item()), f"kernel with output bias disagrees with the oracle: {err:.3e}"
 
     def timed(fn, *extra):
         """Median ms of ``fn`` on rotating input buffers."""
@@ -264,6 +273,7 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     if tokens <= args.forced_decode_max:
         ms["ours_decode"] = timed(ours, "decode")
         ms["ours_gains"] = timed(ours_gains)
+        ms["ours_bias"] = timed(ours_bias)
     ms["ours_prefill"] = timed(ours, "prefill")
 
     union = keep.any(0).sum().item() / n_groups
@@ -310,7 +320,7 @@ def _bandwidth_limits(device, bench) -> dict[str, float | None]:
 
 
 def _markdown(rows: list[Row], meta: dict) -> str:
-    methods = ["dense", "oracle", "ours", "ours_scales", "ours_gains", "ours_decode", "ours_prefill", "ours_loop", "cuda",
+    methods = ["dense", "oracle", "ours", "ours_scales", "ours_gains", "ours_bias", "ours_decode", "ours_prefill", "ours_loop", "cuda",
                "prepare"]
     lines = [
         f"{meta['card']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}; "

@@ -4,6 +4,10 @@
 #   bash benchmarks/gpu_suite.sh            # GPU machine: fits 8 minutes on one H100 (SUITE_BUDGET_S, default 470)
 #   bash benchmarks/gpu_suite.sh --smoke    # any CPU: tiny shapes, no build, no pytest (CI covers those)
 #
+# Knobs (environment): SUITE_BUDGET_S (seconds in all), SUITE_SKIP="memory switch" (steps to leave
+# out, e.g. when rerunning only what failed), KERNELS_CAP_S (the kernels step's box, default 70),
+# KERNELS_ARGS (extra bench_gpu_kernels.py flags, e.g. "--tokens 1 16 64 --densities 0.5").
+#
 # Steps (each under `timeout`, so one slow part cannot eat the lease; a step gets
 # min(its cap, budget left - the minimum boxes of the steps after it), and time a step does not
 # use flows on to the next):
@@ -64,6 +68,11 @@ publish() {  # copy the results to $OUT (at most 8 files come back from there)
 run_step() {
   local name=$1 cap=$(( $2 * SCALE )) reserve=$(( $3 * SCALE ))
   shift 3
+  if [[ " ${SUITE_SKIP:-} " == *" $name "* ]]; then
+    printf '%s\tskipped(SUITE_SKIP)\t0\t0\n' "$name" >> "$STATUS"
+    echo "[suite $(elapsed)s] $name: skipped (SUITE_SKIP)"
+    return 0
+  fi
   local left=$(( BUDGET - $(elapsed) - reserve ))
   local box=$(( cap < left ? cap : left ))
   if (( box < 10 )); then
@@ -104,7 +113,7 @@ else
 fi
 
 if [[ -f benchmarks/bench_gpu_kernels.py ]]; then
-  run_step kernels 70 150 bash -c "$PY benchmarks/bench_gpu_kernels.py ${SMOKE_FLAG[*]} --out '$WORK/kernels' --rep-ms 50 --budget-s \$((STEP_BOX - 20))"
+  run_step kernels "${KERNELS_CAP_S:-70}" 150 bash -c "$PY benchmarks/bench_gpu_kernels.py ${SMOKE_FLAG[*]} --out '$WORK/kernels' --rep-ms 50 --budget-s \$((STEP_BOX - 20)) ${KERNELS_ARGS:-}"
 else
   printf 'kernels\tabsent\t0\t0\n' >> "$STATUS"
 fi
