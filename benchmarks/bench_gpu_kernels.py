@@ -4,7 +4,13 @@ Question: at the Llama-3-8B FFN shape (d 4096, d_ff 14336, bf16), how close do o
 to the physical limits, and to the per-persona pre-sliced dense copy run through cuBLAS?
 
 Methods, timed per (tokens, personas in the batch, density) with ``triton.testing.do_bench``
-(median, warm-up, L2 flushed between runs, rotating input buffers):
+(median, warm-up, L2 flushed between runs). Each timing runs a stack of ``--layers`` FFN layers
+whose weights (and pre-sliced copies, and tokens) are separate copies, as consecutive layers of a
+model are, so no layer finds the previous one's weights in L2; the time reported is per layer. With
+``--timing graph`` (the default on a GPU) each stack is captured once as a CUDA graph and the
+replays are timed, as a serving engine runs a decode step: launch and Python overhead drop out for
+every method alike, and what is left is device time. ``--timing eager`` times the same stack as
+Python calls (host overhead included, as an engine without graphs would pay it).
 
 - ``dense``: ``F.linear`` x3 + activation on the unpruned weights (the 1/density yardstick).
 - ``oracle``: each persona's kept channels pre-sliced into small dense weights, ``F.linear`` per
@@ -61,6 +67,7 @@ class Row:
     density: float
     union_density: float
     path: str
+    timing: str
     ms: dict[str, float]
     kept_gb: float
     ours_tbps: float
@@ -79,12 +86,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--forced-decode-max", type=int, default=1024, help="largest T timed with the decode path forced")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per method")
+    parser.add_argument("--layers", type=int, default=4, help="FFN layers per timed stack, each with its own weight copies")
+    parser.add_argument("--timing", choices=("graph", "eager"), default=None,
+                        help="graph: time CUDA-graph replays of each stack (default on a GPU); eager: Python calls")
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting new configs after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks.common.default_out_dir)")
     args = parser.parse_args()
     if args.smoke:
         args.d, args.d_ff, args.group_size = 64, 256, 16
-        args.tokens, args.personas, args.densities = [1, 40], [1, 3], [0.5]
+        args.tokens, args.personas, args.densities, args.layers = [1, 40], [1, 3], [0.5], 2
+    args.timing = args.timing or ("eager" if args.smoke else "graph")
+    if args.smoke and args.timing == "graph":
+        parser.error("--timing graph needs a GPU")
+    if args.layers < 1:
+        parser.error("--layers must be at least 1")
     return args
 
 
@@ -109,10 +124,10 @@ def main() -> int:
     out_dir = args.out or default_out_dir("bench_gpu_kernels")
     out_dir.mkdir(parents=True, exist_ok=True)
     deadline = Deadline(args.budget_s)
-    weights = _make_weights(args.d, args.d_ff, dtype, device)
+    layers = _make_layers(args.d, args.d_ff, dtype, device, args.layers)
     limits = _bandwidth_limits(device, bench)
     meta = {"dtype": str(dtype), "d": args.d, "d_ff": args.d_ff, "group_size": args.group_size, "limits_tbps": limits,
-            "card": environment(device)["card"]}
+            "card": environment(device)["card"], "layers": args.layers, "timing": args.timing}
     # `timeout` ends a step with SIGTERM: turn it into SystemExit so the table and plot still get written
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows, failures, last_s = [], 0, 0.0
@@ -124,7 +139,7 @@ def main() -> int:
                     continue
                 started = time.monotonic()
                 try:
-                    rows.append(_bench_config(args, weights, tokens, personas, density, bench))
+                    rows.append(_bench_config(args, layers, tokens, personas, density, bench))
                     log.write({**meta, **asdict(rows[-1])})
                     failures += bool(rows[-1].errors)
                 except Exception as error:  # one bad config must not cost the others
@@ -159,7 +174,8 @@ def config_order(densities: list[float], personas: list[int], tokens: list[int])
     return sorted(grid, key=priority)
 
 
-def _make_weights(d: int, d_ff: int, dtype, device) -> dict:
+def _make_layers(d: int, d_ff: int, dtype, device, n_layers: int) -> list[dict]:
+    """``n_layers`` weight sets in separate memory (the same random values: the L2 sees addresses)."""
     import torch
 
     from persona_kernels.layout import pack_ffn
@@ -168,21 +184,53 @@ def _make_weights(d: int, d_ff: int, dtype, device) -> dict:
     w_gate = (torch.randn(d_ff, d, generator=gen) / d**0.5).to(device, dtype)
     w_up = (torch.randn(d_ff, d, generator=gen) / d**0.5).to(device, dtype)
     w_down = (torch.randn(d, d_ff, generator=gen) / d_ff**0.5).to(device, dtype)
-    packed = pack_ffn(w_gate, w_up, w_down, "silu")
-    return {"gate": w_gate, "up": w_up, "down": w_down, "packed": packed}
+    layers = []
+    for index in range(n_layers):
+        gate, up, down = (w if index == 0 else w.clone() for w in (w_gate, w_up, w_down))
+        layers.append({"gate": gate, "up": up, "down": down, "packed": pack_ffn(gate, up, down, "silu")})
+    return layers
 
 
-def _bench_config(args, weights: dict, tokens: int, personas: int, density: float, bench) -> Row:
+def _stack_timer(bench, n_layers: int, graphs: bool, errors: list[str]):
+    """``timed(fn, *extra)``: per-layer ms of ``fn(layer, *extra)`` over every layer of a stack,
+    replayed as one CUDA graph when ``graphs`` (after one eager run: JIT, autotuning), else eager.
+    A stack that cannot be captured is timed eagerly and noted in ``errors``."""
+    import torch
+
+    def timed(fn, *extra, name: str = "?"):
+        def stack():
+            for layer in range(n_layers):
+                fn(layer, *extra)
+
+        if not graphs:
+            return bench(stack) / n_layers
+        stack()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                stack()
+        except Exception as error:  # noqa: BLE001 - time it eagerly, say why
+            errors.append(f"{name}: graph capture failed ({type(error).__name__}: {str(error)[:200]}); timed eagerly")
+            torch.cuda.synchronize()
+            return bench(stack) / n_layers
+        ms = bench(graph.replay) / n_layers
+        del graph
+        return ms
+
+    return timed
+
+
+def _bench_config(args, layers: list[dict], tokens: int, personas: int, density: float, bench) -> Row:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.common import Rotating
     from persona_kernels.backends.triton_backend import choose_path, masked_ffn_triton
     from persona_kernels.masks import keep_to_bits
     from persona_kernels.reference import apply_input_gains, apply_output_bias
     from persona_kernels.step_meta import StepMeta
 
-    w_gate, w_up, w_down, packed = weights["gate"], weights["up"], weights["down"], weights["packed"]
+    w_gate = layers[0]["gate"]
     device, dtype, d, d_ff, G = w_gate.device, w_gate.dtype, args.d, args.d_ff, args.group_size
     n_groups = d_ff // G
     gen = torch.Generator().manual_seed(tokens * 1000 + personas)
@@ -193,26 +241,29 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
     # Tokens sorted by persona (contiguous segments, the oracle's best case), near-equal segments.
     ids = (torch.arange(tokens) * personas // tokens).to(device)
     bounds = [int(b) for b in torch.searchsorted(ids.cpu(), torch.arange(personas + 1))]
-    xs = Rotating(lambda: torch.randn(tokens, d, generator=gen).to(device, dtype), tokens * d * w_gate.element_size(), device)
+    xs = [torch.randn(tokens, d, generator=gen).to(device, dtype) for _ in layers]
     out = torch.empty(tokens, d, dtype=dtype, device=device)
-    gu, dn = packed.gate_up, packed.down_t
 
     channel_keep = keep.repeat_interleave(G, dim=1)
     scales = (0.5 + torch.rand(personas, d_ff, generator=gen)).to(device)
     gains = (0.5 + torch.rand(personas, d, generator=gen)).to(device)
     bias = (0.1 * torch.randn(personas, d, generator=gen)).to(device)
-    sliced, sliced_scaled = [], []
+    sliced, sliced_scaled = [[] for _ in layers], [[] for _ in layers]  # [layer][persona] pre-sliced copies
     for p in range(personas):
         chans = channel_keep[p].nonzero().flatten().to(device)
-        wg, wu, wd = w_gate[chans].contiguous(), w_up[chans].contiguous(), w_down[:, chans].contiguous()
-        sliced.append((wg, wu, wd))
-        sliced_scaled.append((wg, wu, (wd.float() * scales[p, chans]).to(dtype)))
+        for layer, w in enumerate(layers):
+            wg, wu, wd = w["gate"][chans].contiguous(), w["up"][chans].contiguous(), w["down"][:, chans].contiguous()
+            sliced[layer].append((wg, wu, wd))
+            sliced_scaled[layer].append((wg, wu, (wd.float() * scales[p, chans]).to(dtype)))
 
-    def dense(x):
-        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+    def dense(layer, x=None):
+        w = layers[layer]
+        x = xs[layer] if x is None else x
+        return F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
 
-    def oracle(x, weights=sliced):
-        for (wg, wu, wd), lo, hi in zip(weights, bounds[:-1], bounds[1:]):
+    def oracle(layer, x=None, copies=sliced):
+        x = xs[layer] if x is None else x
+        for (wg, wu, wd), lo, hi in zip(copies[layer], bounds[:-1], bounds[1:]):
             xp = x[lo:hi]
             out[lo:hi] = F.linear(F.silu(F.linear(xp, wg)) * F.linear(xp, wu), wd)
         return out
@@ -223,84 +274,88 @@ def _bench_config(args, weights: dict, tokens: int, personas: int, density: floa
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
 
-    def ours(x, path=None, scaled=False, input_gains=None):
-        return masked_ffn_triton(x, gu, dn, ids, bits, scales if scaled else None, group_size=G, meta=meta, out=out,
-                                 path=path, input_gains=input_gains)
+    def ours(layer, path=None, scaled=False, input_gains=None, x=None):
+        packed = layers[layer]["packed"]
+        return masked_ffn_triton(xs[layer] if x is None else x, packed.gate_up, packed.down_t, ids, bits,
+                                 scales if scaled else None, group_size=G, meta=meta, out=out, path=path,
+                                 input_gains=input_gains)
 
-    def ours_gains(x):
-        return ours(x, None, True, gains)
+    def ours_gains(layer, x=None):
+        return ours(layer, None, True, gains, x)
 
-    def ours_bias(x):
-        return apply_output_bias(ours_gains(x), bias, ids)
+    def ours_bias(layer, x=None):
+        return apply_output_bias(ours_gains(layer, x), bias, ids)
 
-    def ours_loop(x):
+    def ours_loop(layer):
+        packed = layers[layer]["packed"]
         for m, lo, hi in zip(loop_metas, bounds[:-1], bounds[1:]):
-            masked_ffn_triton(x[lo:hi], gu, dn, ids[lo:hi], bits, group_size=G, meta=m, out=out[lo:hi],
-                              path=choose_path(hi - lo, 1))  # one persona per launch
+            masked_ffn_triton(xs[layer][lo:hi], packed.gate_up, packed.down_t, ids[lo:hi], bits, group_size=G, meta=m,
+                              out=out[lo:hi], path=choose_path(hi - lo, 1))  # one persona per launch
         return out
 
-    cuda_fn = _cuda_backend_fn(gu, dn, ids, bits, G, out, personas)
+    cuda_fn = _cuda_backend_fn(layers, xs, ids, bits, G, out, personas)
 
-    x0 = xs.sets[0]
-    plain, scaled = oracle(x0).float().clone(), oracle(x0, sliced_scaled).float().clone()
+    x0 = xs[0]
+    plain, scaled = oracle(0).float().clone(), oracle(0, copies=sliced_scaled).float().clone()
     checks = [("decode path", plain, ("decode",)), ("prefill path", plain, ("prefill",)), ("scaled kernel", scaled, (None, True))]
     for what, want, extra in checks:
-        err = (ours(x0, *extra).float() - want).abs().max().item()
+        err = (ours(0, *extra).float() - want).abs().max().item()
         assert err <= 0.02 * max(1.0, want.abs().max().item()), f"{what} disagrees with the oracle: {err:.3e}"
     errors = []
     if cuda_fn is not None:  # a wrong cuda backend costs its own column, not the Triton numbers
-        err = (cuda_fn(x0).float() - plain).abs().max().item()
+        err = (cuda_fn(0).float() - plain).abs().max().item()
         if err > 0.02 * max(1.0, plain.abs().max().item()):
             errors.append(f"cuda backend disagrees with the oracle: {err:.3e}")
             print(f"T={tokens} P={personas} density={density}: {errors[-1]}", flush=True)
             cuda_fn = None
-    gained = oracle(apply_input_gains(x0, gains, ids), sliced_scaled).float()
-    err = (ours_gains(x0).float() - gained).abs().max().item()
+    gained = oracle(0, apply_input_gains(x0, gains, ids), sliced_scaled).float()
+    err = (ours_gains(0).float() - gained).abs().max().item()
     assert err <= 0.02 * max(1.0, gained.abs().max().item()), f"kernel with input gains disagrees with the oracle: {err:.3e}"
     biased = apply_output_bias(gained.to(dtype), bias, ids).float()
-    err = (ours_bias(x0).float() - biased).abs().max().item()
+    err = (ours_bias(0).float() - biased).abs().max().item()
     assert err <= 0.02 * max(1.0, biased.abs().max().item()), f"kernel with output bias disagrees with the oracle: {err:.3e}"
 
-    def timed(fn, *extra):
-        """Median ms of ``fn`` on rotating input buffers."""
-        return bench(lambda: fn(xs.next(), *extra))
-
-    ms = {"dense": timed(dense), "oracle": timed(oracle), "ours": timed(ours), "ours_scales": timed(ours, None, True),
-          "ours_loop": timed(ours_loop),
+    timed = _stack_timer(bench, len(layers), args.timing == "graph", errors)
+    ms = {"dense": timed(dense, name="dense"), "oracle": timed(oracle, name="oracle"), "ours": timed(ours, name="ours"),
+          "ours_scales": timed(ours, None, True, name="ours_scales"), "ours_loop": timed(ours_loop, name="ours_loop"),
           "prepare": bench(lambda: meta.prepare(ids, bits))}
     if cuda_fn is not None:
-        ms["cuda"] = timed(cuda_fn)
+        ms["cuda"] = timed(cuda_fn, name="cuda")
     if tokens <= args.forced_decode_max:
-        ms["ours_decode"] = timed(ours, "decode")
-        ms["ours_gains"] = timed(ours_gains)
-        ms["ours_bias"] = timed(ours_bias)
-    ms["ours_prefill"] = timed(ours, "prefill")
+        ms["ours_decode"] = timed(ours, "decode", name="ours_decode")
+        ms["ours_gains"] = timed(ours_gains, name="ours_gains")
+        ms["ours_bias"] = timed(ours_bias, name="ours_bias")
+    ms["ours_prefill"] = timed(ours, "prefill", name="ours_prefill")
+    for error in errors:
+        print(f"T={tokens} P={personas} density={density}: {error}", flush=True)
 
     union = keep.any(0).sum().item() / n_groups
     kept_bytes = union * d_ff * 3 * d * w_gate.element_size()
     flops = 2 * 3 * d * G * keep.sum(1)[ids.cpu()].sum().item()
-    row = Row(tokens, personas, density, union, choose_path(tokens, personas), ms, kept_bytes / 1e9,
+    row = Row(tokens, personas, density, union, choose_path(tokens, personas), args.timing, ms, kept_bytes / 1e9,
               kept_bytes / (ms["ours"] * 1e-3) / 1e12, flops / (ms["ours"] * 1e-3) / 1e12, errors)
     print(f"T={tokens:5d} P={personas:2d} density={density:.2f}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()),
           flush=True)
     return row
 
 
-def _cuda_backend_fn(gate_up, down_t, ids, bits, group_size: int, out, personas: int):
-    """``x -> out`` through the CUDA C++ backend with a preallocated workspace, or None where it cannot run."""
+def _cuda_backend_fn(layers: list[dict], xs: list, ids, bits, group_size: int, out, personas: int):
+    """``layer -> out`` through the CUDA C++ backend with a preallocated workspace, or None where it cannot run."""
     import torch
 
     from persona_kernels.backends import cuda_backend
 
-    if gate_up.device.type != "cuda" or not cuda_backend.is_available():
+    if out.device.type != "cuda" or not cuda_backend.is_available():
         return None
     T, d = out.shape
-    nbytes = cuda_backend.workspace_bytes(T, d, gate_up.shape[0], personas, group_size, out.dtype, "auto")
+    d_ff = layers[0]["packed"].gate_up.shape[0]
+    nbytes = cuda_backend.workspace_bytes(T, d, d_ff, personas, group_size, out.dtype, "auto")
     workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=out.device)
 
-    def run(x):
-        return cuda_backend.masked_ffn(x, gate_up, down_t, ids, bits, None, group_size, "silu", out=out,
-                                       workspace=workspace)
+    def run(layer):
+        packed = layers[layer]["packed"]
+        return cuda_backend.masked_ffn(xs[layer], packed.gate_up, packed.down_t, ids, bits, None, group_size, "silu",
+                                       out=out, workspace=workspace)
 
     return run
 
@@ -323,7 +378,8 @@ def _markdown(rows: list[Row], meta: dict) -> str:
     methods = ["dense", "oracle", "ours", "ours_scales", "ours_gains", "ours_bias", "ours_decode", "ours_prefill", "ours_loop", "cuda",
                "prepare"]
     lines = [
-        f"{meta['card']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}; "
+        f"{meta['card']}, {meta['dtype']}, d={meta['d']}, d_ff={meta['d_ff']}, G={meta['group_size']}, "
+        f"ms per layer of a {meta['layers']}-layer stack, timing {meta['timing']}; "
         f"bandwidth limits (TB/s): {meta['limits_tbps']}",
         "",
         "| T | P | density | union | path | " + " | ".join(f"{m} ms" for m in methods)

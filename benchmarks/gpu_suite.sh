@@ -6,7 +6,10 @@
 #
 # Knobs (environment): SUITE_BUDGET_S (seconds in all), SUITE_SKIP="memory switch" (steps to leave
 # out, e.g. when rerunning only what failed), KERNELS_CAP_S (the kernels step's box, default 70),
-# KERNELS_ARGS (extra bench_gpu_kernels.py flags, e.g. "--tokens 1 16 64 --densities 0.5").
+# KERNELS_ARGS (extra bench_gpu_kernels.py flags, e.g. "--tokens 1 16 64 --densities 0.5"),
+# TESTS_ARGS / TESTS_CAP_S (pytest files and -k of the tests step, its box), DECODE_ARGS /
+# DECODE_CAP_S (extra benchmarks.serving.decode flags, e.g. "--backend cuda --shapes 8b"),
+# SANITIZER_MIN_S (seconds kept for the sanitizer step after decode, default 8).
 #
 # Steps (each under `timeout`, so one slow part cannot eat the lease; a step gets
 # min(its cap, budget left - the minimum boxes of the steps after it), and time a step does not
@@ -20,6 +23,7 @@
 #   switch   python -m benchmarks.serving.switch     (persona switch vs pre-sliced copy vs LoRA; graph checks)
 #   memory   python -m benchmarks.serving.memory     (bytes per persona)
 #   decode   python -m benchmarks.serving.decode     (end-to-end HF decode, 8B then 1B; skips configs past its budget)
+#   sanitizer tests/gpu/run_sanitizer.sh             (compute-sanitizer; whatever budget is left)
 #   summary  python -m benchmarks.serving.summary    (verdict table; printed last)
 #
 # Results: all JSON lines, PNGs and logs go to the work folder: benchmarks/out/<UTC timestamp>/
@@ -94,7 +98,7 @@ run_step() {
 
 echo "persona-kernels GPU suite: work folder $WORK, budget ${BUDGET}s, smoke=$SMOKE"
 
-run_step env 20 440 bash -c "nvidia-smi || true; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'; $PY -c 'import triton, transformers; print(\"triton\", triton.__version__, \"transformers\", transformers.__version__)'; which nvcc && nvcc --version | tail -2"
+run_step env 20 0 bash -c "nvidia-smi || true; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'; $PY -c 'import triton, transformers; print(\"triton\", triton.__version__, \"transformers\", transformers.__version__)'; which nvcc && nvcc --version | tail -2"
 
 if [[ $SMOKE == 1 ]]; then
   printf 'build\tskipped(smoke)\t0\t0\ntests\tskipped(smoke)\t0\t0\n' >> "$STATUS"
@@ -106,10 +110,10 @@ else
   # tests, then the small-shape matrices. One Triton config per kernel (no autotuning: a third of the
   # compiles; the kernels benchmark autotunes and checks every config it picks). SIGINT before the
   # box ends makes pytest stop and still print its failure summary.
-  run_step tests 75 185 bash -c "PERSONA_KERNELS_TRITON_AUTOTUNE=0 timeout --signal=INT \$((STEP_BOX - 8)) \
-    $PY -m pytest -q -p no:cacheprovider --maxfail=25 -rfE -m 'not slow' tests/gpu/test_cuda_kernels.py \
-    tests/test_cuda_build.py tests/gpu/test_triton_kernels.py tests/gpu/test_hf_backends.py tests/test_triton.py \
-    tests/test_masked_ffn.py tests/test_hf.py"
+  TESTS_ARGS="${TESTS_ARGS:-tests/gpu/test_cuda_kernels.py tests/test_cuda_build.py tests/gpu/test_triton_kernels.py \
+    tests/gpu/test_hf_backends.py tests/test_triton.py tests/test_masked_ffn.py tests/test_hf.py}"
+  run_step tests "${TESTS_CAP_S:-75}" 185 bash -c "PERSONA_KERNELS_TRITON_AUTOTUNE=0 timeout --signal=INT \$((STEP_BOX - 8)) \
+    $PY -m pytest -q -p no:cacheprovider --maxfail=25 -rfE -m 'not slow' $TESTS_ARGS"
 fi
 
 if [[ -f benchmarks/bench_gpu_kernels.py ]]; then
@@ -120,7 +124,11 @@ fi
 
 run_step switch 45 120 "$PY" -m benchmarks.serving.switch "${SMOKE_FLAG[@]}" --out "$WORK/serving"
 run_step memory 40 90 "$PY" -m benchmarks.serving.memory "${SMOKE_FLAG[@]}" --no-disk --out "$WORK/serving"
-run_step decode 240 8 bash -c "$PY -m benchmarks.serving.decode ${SMOKE_FLAG[*]} --out '$WORK/serving' --time-budget \$((STEP_BOX - 30))"
+run_step decode "${DECODE_CAP_S:-240}" "${SANITIZER_MIN_S:-8}" bash -c "$PY -m benchmarks.serving.decode ${SMOKE_FLAG[*]} --out '$WORK/serving' --time-budget \$((STEP_BOX - 30)) ${DECODE_ARGS:-}"
+
+if [[ $SMOKE == 0 ]]; then  # whatever budget is left: compute-sanitizer over the CUDA kernels
+  run_step sanitizer 300 0 bash tests/gpu/run_sanitizer.sh
+fi
 
 "$PY" -m benchmarks.serving.summary "$WORK" > "$WORK/logs/summary.log" 2>&1
 publish

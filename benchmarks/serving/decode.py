@@ -176,7 +176,8 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
             return
         start = time.monotonic()
         density = 1.0 if bank is None else union_density(bank, ids)
-        backend = {"attach": resolve_backend(device) if bank is not None else None, "dense": "dense (torch)"}[variant]
+        backend = {"attach": resolve_backend(device, args.backend) if bank is not None else None,
+                   "dense": "dense (torch)"}[variant]
         record = {**common, "batch": batch, "mix": mix, "variant": variant, "distinct_personas": len(set(ids)) if ids else 0,
                   "union_density": density, "bank": bank is not None, "backend": backend,
                   "bytes_per_step_bound": shape.decode_step_bytes(batch, cache_len, density)}
@@ -201,7 +202,7 @@ def bench_shape(shape: ModelShape, args, log: JsonlWriter, deadline: Deadline) -
         run(batch, "dense_model", [], None, variant="dense")
 
     bank = bank_for_model(model, shape, density=args.density, group_size=args.group_size, overlap=args.overlap)
-    attach_bank(model, bank)
+    attach_bank(model, bank, backend=args.backend)
     common.update(density=args.density, group_size=args.group_size, overlap=args.overlap, personas=len(bank.personas))
     for batch in batches:
         mixes = _ordered([m for m in args.mixes if batch > 1 or m in ("identical", "dense_id0")], MIX_PRIORITY)
@@ -250,6 +251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
                         help="capture each decode step as a CUDA graph (auto: on a GPU); eager when capture fails")
     parser.add_argument("--check-generate", action="store_true", help="also compare tokens with model.generate (default in smoke)")
+    parser.add_argument("--backend", default=None, help="masked_ffn backend of the attached model (default: the dispatcher's choice)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; configs that would not fit are skipped")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default=None)
