@@ -91,6 +91,8 @@ def parse_args() -> argparse.Namespace:
                         help="graph: time CUDA-graph replays of each stack (default on a GPU); eager: Python calls")
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting new configs after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks.common.default_out_dir)")
+    parser.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSONL",
+                        help="redraw the plots and the table of an earlier run's results.jsonl into --out (or beside it), then exit")
     args = parser.parse_args()
     if args.smoke:
         args.d, args.d_ff, args.group_size = 64, 256, 16
@@ -106,6 +108,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     """Run the grid; returns 1 when some config failed, else 0."""
     args = parse_args()
+    if args.replot is not None:
+        return replot(args.replot, args.out or args.replot.parent)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     import torch
@@ -152,6 +156,7 @@ def main() -> int:
         finally:
             if rows:
                 _plot(rows, out_dir / "speedup.png")
+                _plot_bound(rows, out_dir / "bound.png", limits)
                 print(_markdown(rows, meta))
     print(f"\nwrote {out_dir}/results.jsonl and speedup.png; {len(rows)} configs measured, {failures} failed")
     return 1 if failures else 0
@@ -394,6 +399,62 @@ def _markdown(rows: list[Row], meta: dict) -> str:
             + f" | {r.ours_tbps:.2f} | {r.ours_tflops:.1f} |"
         )
     return "\n".join(lines)
+
+
+def replot(results: Path, out_dir: Path) -> int:
+    """Plots and table of an earlier run from its ``results.jsonl`` (lines with an error are left out)."""
+    import json
+    from dataclasses import fields
+
+    if not results.is_file():
+        raise SystemExit(f"--replot: no such file {results}")
+    lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    names = {f.name for f in fields(Row)}
+    rows = [Row(**{k: v for k, v in line.items() if k in names}) for line in lines if "ms" in line]
+    if not rows:
+        raise SystemExit(f"--replot: {results} holds no measured configs")
+    first = next(line for line in lines if "ms" in line)
+    meta = {k: first.get(k) for k in ("card", "dtype", "d", "d_ff", "group_size", "limits_tbps", "layers", "timing")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot(rows, out_dir / "speedup.png")
+    _plot_bound(rows, out_dir / "bound.png", meta["limits_tbps"] or {})
+    print(_markdown(rows, meta))
+    print(f"\nwrote {out_dir}/speedup.png and bound.png from {len(rows)} configs")
+    return 0
+
+
+def _plot_bound(rows: list[Row], path: Path, limits: dict) -> None:
+    """Decode sizes: ``ours``' achieved bandwidth over the measured copy bandwidth (the union bound), one line per
+    (personas, density); a mixed batch must read its union's kept weights once, so 1.0 is the physical limit."""
+    limit = limits.get("measured_copy") or limits.get("nominal")
+    if not limit:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for personas in sorted({r.personas for r in rows}):
+        for density in sorted({r.density for r in rows}):
+            sel = sorted((r for r in rows if r.personas == personas and r.density == density and r.path == "decode"),
+                         key=lambda r: r.tokens)
+            if sel:
+                ax.plot([r.tokens for r in sel], [r.ours_tbps / limit for r in sel], marker="o",
+                        label=f"{personas} persona(s), density {density}")
+    dense = sorted({r.tokens: r for r in rows if r.path == "decode"}.values(), key=lambda r: r.tokens)
+    if dense:  # dense cuBLAS reads every weight byte: what a tuned library reaches at these sizes
+        ax.plot([r.tokens for r in dense], [r.kept_gb / r.union_density / (r.ms["dense"] * 1e-3) / 1e3 / limit for r in dense],
+                "k:", marker="x", label="dense cuBLAS (all weights)")
+    ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+    ax.set(xscale="log", xlabel="tokens", ylabel="kept-union bytes / time, over the measured copy bandwidth",
+           title=f"Decode: fraction of the bandwidth bound ({limit:.2f} TB/s copy)", ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _plot(rows: list[Row], path: Path) -> None:

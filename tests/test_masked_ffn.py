@@ -214,14 +214,15 @@ def _fused_runs(backend: str):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("T", [11, 37])
+@pytest.mark.parametrize("T", [3, 11, 37])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_gains_equal_prescaled_tokens(backend, dtype, T):
     """A kernel that fuses the gains rounds each gained token to its dtype exactly as the reference does
-    (T=37 takes the triton decode path's separate gains pass)."""
+    (the triton decode path fuses them at T=3 and takes its separate gains pass at T=11 and 37)."""
     require_backend(backend)
     inputs = with_input_gains(make_inputs(T, 40, 96, 16, "mixed_scales", dtype, device_for(backend),
                                           _seed("fused", dtype, T)), 5)
+    inputs["persona_ids"][0] = 3  # a persona with gains and kept groups, so the check below sees them at few tokens
     gains = inputs.pop("input_gains")
     prescaled = dict(inputs, x=apply_input_gains(inputs["x"], gains, inputs["persona_ids"]))
     for label, run in _fused_runs(backend):

@@ -109,12 +109,15 @@ def run_config(model, batch: int, prompt: torch.Tensor, args, use_graph: bool) -
                 _sync(device)
         if decoder.graph is not None:
             k = min(4, n_steps)
-            decoder.prefill(prompt)
-            decoder.decode(k, use_graph=False)
-            eager_tokens = decoder.output[:, : k + 1].clone()
+            eager_tokens = []
+            for _ in range(2):  # twice: a backend whose sums depend on timing (atomics) differs from itself
+                decoder.prefill(prompt)
+                decoder.decode(k, use_graph=False)
+                eager_tokens.append(decoder.output[:, : k + 1].clone())
             decoder.prefill(prompt)
             decoder.decode(k, use_graph=True)
-            result["graph_matches_eager_tokens"] = bool(torch.equal(eager_tokens, decoder.output[:, : k + 1]))
+            result["eager_repeatable_tokens"] = bool(torch.equal(eager_tokens[0], eager_tokens[1]))
+            result["graph_matches_eager_tokens"] = bool(torch.equal(eager_tokens[0], decoder.output[:, : k + 1]))
         else:
             decoder.prefill(prompt)  # warm-up (JIT, autotune) outside the timings
             decoder.decode(min(2, n_steps), use_graph=False)
@@ -300,6 +303,18 @@ def with_speedups(rows: list[dict]) -> list[dict]:
     return out
 
 
+def config_failed(row: dict) -> bool:
+    """A decode line that errored, or whose graph-replayed tokens differ from eager decoding's.
+
+    Greedy tokens of random-weight models sit on near-ties, so the graph is judged against eager
+    decoding only where two eager runs gave the same tokens; where they did not
+    (``eager_repeatable_tokens`` False: a backend whose sums depend on timing) the line is reported
+    as nondeterministic, not failed.
+    """
+    return bool(row.get("error")) or (row.get("graph_matches_eager_tokens") is False
+                                      and row.get("eager_repeatable_tokens") is not False)
+
+
 def report(rows: list[dict], out_dir: Path, smoke: bool) -> int:
     """Print the table, draw the plots; 0 when every config ran and every graph matched eager decoding."""
     rows = with_speedups([r for r in rows if r.get("bench") == "decode"])
@@ -307,7 +322,8 @@ def report(rows: list[dict], out_dir: Path, smoke: bool) -> int:
     timed = [r for r in rows if "mix" in r and "kind" not in r]
     print(f"\n== end-to-end greedy decode ({label})")
     print(format_table(timed, ["model", "batch", "mix", "variant", "mode", "union_density", "tpot_ms", "tokens_per_s",
-                               "speedup_vs_dense", "graph_matches_eager_tokens", "skipped", "error"]))
+                               "speedup_vs_dense", "eager_repeatable_tokens", "graph_matches_eager_tokens", "skipped",
+                               "error"]))
     checks = [r for r in rows if r.get("kind") == "loop_vs_generate"]
     for check in checks:
         print("loop vs model.generate:", {k: v for k, v in check.items() if k.startswith("loop_matches")})
@@ -317,7 +333,12 @@ def report(rows: list[dict], out_dir: Path, smoke: bool) -> int:
     plot_series([r for r in timed if r.get("speedup_vs_dense") and r.get("mix") != "dense_model"], "batch", "speedup_vs_dense",
                 ["model", "mix", "variant"], out_dir / "decode_speedup.png", title="Decode throughput over the dense model (density 0.5)",
                 ylabel="speed-up (x)", logx=True, subtitle=label)
-    failed = [r for r in timed if r.get("error") or r.get("graph_matches_eager_tokens") is False]
+    failed = [r for r in timed if config_failed(r)]
+    nondeterministic = [r for r in timed if r.get("eager_repeatable_tokens") is False]
+    if nondeterministic:
+        print(f"decode: {len(nondeterministic)} configs gave different greedy tokens in two eager runs "
+              f"(backend {sorted({str(r.get('backend')) for r in nondeterministic})}): nondeterministic sums, "
+              "so their graph-vs-eager token check cannot judge the graph")
     failed += [c for c in checks if not all(v for k, v in c.items() if k.startswith("loop_matches"))]
     print(f"\ndecode: {len(timed)} configs, {len(failed)} failed; wrote {out_dir}/decode.jsonl")
     return 1 if failed else 0

@@ -17,6 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import format_table, human_bytes, read_jsonl  # noqa: E402
+from benchmarks.serving.decode import config_failed  # noqa: E402
 
 SWITCH_TARGET_US = 10.0
 SPEEDUP_TARGET = 1.3
@@ -83,8 +84,7 @@ def summarize_folder(folder: Path) -> tuple[list[dict], str]:
                          "target": ">= 1.3x" if is_target else "info",
                          "measured": f"{speedup:.2f}x ({row['tokens_per_s']:.0f} vs {base:.0f} tok/s, union {row['union_density']:.2f})",
                          "verdict": _verdict(speedup >= SPEEDUP_TARGET if is_target and not smoke else None)})
-    failed = [r for r in decode if r.get("error") or r.get("graph_matches_eager_tokens") is False
-              or r.get("tokens_match_attach") is False]
+    failed = [r for r in decode if config_failed(r) or r.get("tokens_match_attach") is False]
     if decode:
         rows.append({"check": "decode configs ran (graph == eager tokens)", "target": "all",
                      "measured": f"{sum(1 for r in decode if r.get('tokens_per_s'))} timed, {len(failed)} failed, "

@@ -39,12 +39,15 @@ DECODE_MAX_MIXED_TOKENS = 1024
 PREFILL_BLOCK_M = 16 if INTERPRET else 64
 """Prefill tile rows of the metadata built on the fly (small under the interpreter to cover tiling)."""
 DECODE_FUSED_GAINS_MAX_BLOCK_T = 16
-"""Decode multiplies tokens by their gains inside the gate/up kernel up to this token block; above
-it the tokens are multiplied once beforehand (``reference.apply_input_gains``, the same
-rounding). Each gate/up program re-loads a
-``[BLOCK_T, d]`` fp32 gains tile, more bytes than its own weight chunk once ``BLOCK_T`` passes
-``BLOCK_C``, and pipelines it through shared memory: on sm_90 no fp32 config fits at 64 tokens
-(``python -m persona_kernels.triton_kernels.compile_check``)."""
+"""The largest decode token block whose gate/up kernel may fuse the gains (the variants
+``compile_check`` builds): each program re-loads a ``[BLOCK_T, d]`` fp32 gains tile, more bytes than
+its own weight chunk once ``BLOCK_T`` passes ``BLOCK_C``, and on sm_90 no fp32 config fits at 64."""
+DECODE_FUSED_GAINS_MAX_TOKENS = 4
+"""Decode multiplies tokens by their gains inside the gate/up kernel up to this many tokens; above
+it the tokens are multiplied once beforehand (``reference.apply_input_gains``, the same rounding).
+Measured on an H200 (benchmarks/RESULTS.md, 8B FFN, bf16, graph replay): fused, the gains cost
++5-6% at 1 and 4 tokens but +38-53% at 16 (every program re-reads the tile); the separate pass
+costs +12-23% at 32 and 64 tokens."""
 REDUCE_SPLITS_BLOCK = 1024
 """Elements per program of ``reduce_splits_kernel``."""
 
@@ -105,7 +108,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
     block_t = _token_block(T)
     t_blocks = triton.cdiv(T, block_t)
     union_ids, union_count = meta.union_ids[layer], meta.union_count[layer : layer + 1]
-    if gains is not None and block_t > DECODE_FUSED_GAINS_MAX_BLOCK_T:
+    if gains is not None and (T > DECODE_FUSED_GAINS_MAX_TOKENS or block_t > DECODE_FUSED_GAINS_MAX_BLOCK_T):
         x, gains = apply_input_gains(x, gains, meta.token_ids[:T]), None
     h = torch.empty(T, d_ff, dtype=x.dtype, device=x.device)
     decode.decode_gate_up_kernel[lambda m: (t_blocks, triton.cdiv(d_ff, m["BLOCK_C"]))](
