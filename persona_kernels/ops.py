@@ -134,6 +134,22 @@ def check_masked_ffn_args(
             raise ValueError(f"persona id out of range: ids span [{lo}, {hi}] but keep_bits has {n_personas} rows")
 
 
+def output_buffer(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``[T, d]`` output of a call on ``x``: a fresh row-major tensor when ``out`` is None, else
+    ``out`` once checked to be writable row by row (x's dtype and device, unit column stride,
+    rows that do not overlap), which the backends that take one require."""
+    T, d = x.shape
+    if out is None:
+        return torch.empty((T, d), dtype=x.dtype, device=x.device)
+    if (tuple(out.shape) != (T, d) or out.dtype != x.dtype or out.device != x.device
+            or (d > 1 and out.stride(1) != 1) or (T > 1 and out.stride(0) < d)):
+        raise ValueError(
+            f"out must be a [{T}, {d}] {x.dtype} tensor on {x.device} with unit column stride and rows that do "
+            f"not overlap, got {out.dtype} {tuple(out.shape)} with strides {out.stride()} on {out.device}"
+        )
+    return out
+
+
 @torch.library.custom_op("persona_kernels::masked_ffn", mutates_args=())
 def _masked_ffn_op(
     x: torch.Tensor,
@@ -165,7 +181,7 @@ def _masked_ffn_op(
 @_masked_ffn_op.register_fake
 def _masked_ffn_fake(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, backend,
                      input_gains=None, output_bias=None):
-    return torch.empty_like(x)
+    return output_buffer(x)
 
 
 def masked_ffn(
@@ -207,8 +223,10 @@ def masked_ffn(
             (:func:`~persona_kernels.reference.apply_output_bias`): fused into the cpu kernel's store,
             a separate elementwise pass after the triton and cuda kernels.
 
+    Any layout of ``x`` and of the weights is accepted (strided, transposed, offset or broadcast views).
+
     Returns:
-        ``[T, d]`` output in ``x.dtype``; nothing is modified in place.
+        A new row-major ``[T, d]`` tensor in ``x.dtype``; nothing is modified in place.
     """
     check_masked_ffn_args(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, check_ids,
                           input_gains, output_bias)

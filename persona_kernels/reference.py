@@ -76,7 +76,7 @@ def masked_ffn_reference(
         output_bias: ``[P, d]`` float per-persona bias added to the rounded output, or ``None``.
 
     Returns:
-        ``[T, d]`` in ``x.dtype``.
+        A new row-major ``[T, d]`` tensor in ``x.dtype``.
     """
     if input_gains is not None:
         x = apply_input_gains(x, input_gains, persona_ids)

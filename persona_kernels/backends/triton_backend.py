@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from ..masks import num_words
+from ..ops import output_buffer
 from ..reference import ACTIVATIONS, apply_input_gains
 from ..step_meta import StepMeta, max_tiles
 
@@ -191,13 +192,14 @@ def masked_ffn_triton(
         meta: a :class:`StepMeta` already prepared for this step (persistent buffers, e.g. for CUDA
             graphs); None builds one for this call.
         layer: which layer of ``meta`` to use.
-        out: optional ``[T, d]`` output (x's dtype and device, unit column stride); written in full.
+        out: optional ``[T, d]`` output (x's dtype and device, unit column stride, rows that do not
+            overlap: :func:`persona_kernels.ops.output_buffer`); written in full.
         path: ``"decode"``, ``"prefill"`` or None for :func:`choose_path`.
         input_gains: optional ``[P, d]`` per-persona gains multiplying each token as it is loaded
             (:func:`persona_kernels.reference.apply_input_gains`; used in fp32).
 
     Returns:
-        ``out`` (or a new ``[T, d]`` tensor) in x's dtype.
+        ``out``, or a new row-major ``[T, d]`` tensor, in x's dtype.
     """
     if not is_available():
         raise RuntimeError(f"triton backend unavailable: {unavailable_reason()}")
@@ -214,10 +216,7 @@ def masked_ffn_triton(
     path = path or choose_path(T, keep_bits.shape[0])
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
-    if out is None:
-        out = torch.empty_like(x)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or (d > 1 and out.stride(1) != 1):
-        raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} on {x.device} with unit column stride")
+    out = output_buffer(x, out)
     if T == 0:
         return out
     if meta is None:

@@ -1,0 +1,169 @@
+"""The ``masked_ffn`` contract beyond random values, on every backend.
+
+- Layouts: any ``x`` and weight layout the dispatcher accepts gives the reference's answer, and the
+  output is always a fresh row-major tensor (kernels that take a caller's ``out`` write all of it:
+  those tests poison it with NaN first).
+
+Tolerances follow flash-attn, as in ``test_masked_ffn.check_against_reference``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import device_for, require_backend
+from persona_kernels.ops import BACKENDS, _masked_ffn_op, masked_ffn
+from persona_kernels.reference import masked_ffn_reference
+from test_masked_ffn import DTYPES, _seed, check_against_reference, make_inputs, with_output_bias
+
+X_LAYOUTS = ("contiguous", "column_major", "strided_rows", "strided_cols", "offset", "broadcast_rows")
+WEIGHT_LAYOUTS = ("contiguous", "stacked_views", "column_major", "offset", "broadcast_rows")
+D, D_FF, G = 40, 96, 16
+
+
+def _nan_buffer(shape, like: torch.Tensor) -> torch.Tensor:
+    """NaN-filled (integers: their largest value, an out-of-range id and a bitmap of set bits)."""
+    fill = float("nan") if like.is_floating_point() else torch.iinfo(like.dtype).max
+    return torch.full(shape, fill, dtype=like.dtype, device=like.device)
+
+
+def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` (2-D or 3-D, values kept except for ``broadcast_rows``) in ``layout``; gaps hold NaN, which
+    a kernel that reads past its view would pick up."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout in ("column_major", "stacked_views"):  # every dimension order reversed / the first two swapped
+        order = tuple(reversed(range(t.dim()))) if layout == "column_major" else (1, 0, *range(2, t.dim()))
+        return t.permute(order).contiguous().permute(order)
+    if layout == "strided_rows":  # every other row of a wider buffer
+        wide = _nan_buffer((2 * t.shape[0], *t.shape[1:-1], t.shape[-1] + 3), t)
+        wide[::2, ..., : t.shape[-1]] = t
+        return wide[::2, ..., : t.shape[-1]]
+    if layout == "strided_cols":
+        wide = _nan_buffer((*t.shape[:-1], 2 * t.shape[-1]), t)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "offset":  # one element into its storage: not 16-byte aligned
+        flat = _nan_buffer((t.numel() + 1,), t)
+        flat[1:] = t.flatten()
+        return flat[1:].view(t.shape)
+    if layout == "broadcast_rows":  # stride 0: every row is row 0
+        return t[:1].expand(t.shape)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def check_fresh_row_major(out: torch.Tensor, inputs: dict) -> None:
+    """``out`` is a new row-major ``[T, d]`` tensor sharing no memory with any input."""
+    T, d = inputs["x"].shape
+    assert out.shape == (T, d) and out.is_contiguous()
+    if T > 1:
+        assert out.stride() == (d, 1), f"output strides {out.stride()}, expected row-major {(d, 1)}"
+    storage = out.untyped_storage().data_ptr()
+    for name in ("x", "gate_up", "down_t"):
+        assert inputs[name].untyped_storage().data_ptr() != storage, f"output shares memory with {name}"
+    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} output elements not finite"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", X_LAYOUTS)
+@pytest.mark.parametrize("T", [5, 80])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_layouts(backend, dtype, T, layout):
+    """Every ``x`` layout, through the dispatcher (T=80 takes the triton and cuda prefill paths)."""
+    require_backend(backend)
+    inputs = make_inputs(T, D, D_FF, G, "mixed_scales", dtype, device_for(backend), _seed("x layout", dtype, T, layout))
+    inputs["x"] = lay_out(inputs["x"], layout)
+    out = masked_ffn(**inputs, group_size=G, backend=backend)
+    check_fresh_row_major(out, inputs)
+    check_against_reference(backend, inputs, G)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_layouts(backend, dtype, layout):
+    """Every layout of ``gate_up`` and ``down_t`` (with a column-major ``x`` beside them)."""
+    require_backend(backend)
+    inputs = make_inputs(7, D, D_FF, G, "mixed_scales", dtype, device_for(backend), _seed("w layout", dtype, layout))
+    inputs.update(gate_up=lay_out(inputs["gate_up"], layout), down_t=lay_out(inputs["down_t"], layout),
+                  x=lay_out(inputs["x"], "column_major"))
+    out = masked_ffn(**inputs, group_size=G, backend=backend)
+    check_fresh_row_major(out, inputs)
+    check_against_reference(backend, inputs, G)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_table_and_id_layouts(backend):
+    """Persona ids, bitmaps and the per-persona tables as views (broadcast, strided, transposed)."""
+    require_backend(backend)
+    inputs = with_output_bias(make_inputs(9, D, D_FF, G, "mixed_scales", torch.float16, device_for(backend),
+                                          _seed("tables")), 9)
+    P, device = inputs["keep_bits"].shape[0], inputs["x"].device
+    inputs.update(
+        persona_ids=lay_out(inputs["persona_ids"][:, None], "strided_rows")[:, 0],
+        keep_bits=lay_out(inputs["keep_bits"], "strided_rows"),
+        scales=lay_out(inputs["scales"], "column_major"),
+        input_gains=(torch.rand(1, D, generator=torch.Generator().manual_seed(3)) + 0.5).to(device).expand(P, D),
+        output_bias=lay_out(inputs["output_bias"], "strided_cols"),
+    )
+    out = masked_ffn(**inputs, group_size=G, backend=backend)
+    check_fresh_row_major(out, inputs)
+    check_against_reference(backend, inputs, G)
+
+
+def _out_runs(backend: str, dtype: torch.dtype):
+    """``(path, run)`` for each kernel path of ``backend`` that takes a caller's ``out``."""
+    if backend == "triton":
+        from persona_kernels.backends.triton_backend import masked_ffn_triton as run
+
+        paths = ("decode", "prefill")
+    else:
+        from persona_kernels.backends.cuda_backend import masked_ffn as run
+
+        paths = ("decode", "prefill") if dtype != torch.float32 else ("decode",)
+    return [(path, lambda inputs, out, path=path: run(**inputs, group_size=G, activation="silu", path=path, out=out))
+            for path in paths]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("layout", X_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_buffer_written_in_full(backend, dtype, layout):
+    """Each kernel path writes every element of a NaN-poisoned ``out``, whatever ``x``'s layout."""
+    require_backend(backend)
+    inputs = make_inputs(21, D, D_FF, G, "mixed_scales", dtype, device_for(backend), _seed("out", dtype, layout))
+    inputs["x"] = lay_out(inputs["x"], layout)
+    args = (inputs["x"], inputs["gate_up"], inputs["down_t"], inputs["persona_ids"], inputs["keep_bits"],
+            inputs["scales"], G, "silu")
+    oracle = masked_ffn_reference(*args).float()
+    noise = (masked_ffn_reference(*args, upcast=False).float() - oracle).abs().max().item()
+    bound = 2.0 * noise + 1e-5 * (1.0 + oracle.abs().max().item())
+    for path, run in _out_runs(backend, dtype):
+        out = _nan_buffer(inputs["x"].shape, inputs["x"])
+        assert run(inputs, out) is out
+        assert not out.isnan().any(), f"{path}: {out.isnan().sum().item()} output elements never written"
+        error = (out.float() - oracle).abs().max().item()
+        assert error <= bound, f"{path}: max error {error:.3g} exceeds {bound:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("make_out", ["column_major", "broadcast_rows", "wrong_dtype"])
+def test_out_buffer_layout_refused(backend, make_out):
+    """An ``out`` the kernels cannot write row by row is refused by name, not half written."""
+    require_backend(backend)
+    inputs = make_inputs(6, D, D_FF, G, "mixed", torch.float32, device_for(backend), 1)
+    x = inputs["x"]
+    out = torch.empty_like(x, dtype=torch.float16) if make_out == "wrong_dtype" else lay_out(torch.empty_like(x), make_out)
+    for path, run in _out_runs(backend, torch.float32):
+        with pytest.raises(ValueError, match="out must be"):
+            run(inputs, out)
+
+
+def test_fake_output_is_row_major():
+    """Under ``torch.compile`` the op's fake output has the strides of the real one (opcheck)."""
+    inputs = make_inputs(6, D, D_FF, G, "mixed_scales", torch.float32, torch.device("cpu"), 2)
+    x = lay_out(inputs["x"], "column_major")
+    args = (x, inputs["gate_up"], inputs["down_t"], inputs["persona_ids"], inputs["keep_bits"], inputs["scales"],
+            G, "silu", "reference")
+    torch.library.opcheck(_masked_ffn_op, args, test_utils=("test_faketensor",))
