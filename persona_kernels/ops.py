@@ -210,7 +210,9 @@ def masked_ffn(
         down_t: ``[d_ff, d]`` transposed down projection, same dtype as ``x``.
         persona_ids: ``[T]`` int32/int64, each token's row of ``keep_bits``.
         keep_bits: ``[P, ceil(d_ff / G / 32)]`` int32 group bitmaps (see :mod:`persona_kernels.masks`).
-        scales: optional ``[P, d_ff]`` per-channel scales applied before the down projection.
+        scales: optional ``[P, d_ff]`` per-channel scales applied before the down projection
+            (only kept channels' scales are read: a dropped channel contributes nothing, even with
+            an inf or NaN scale).
         group_size: channels per group ``G`` (divides ``d_ff``).
         activation: ``"silu"`` or ``"gelu_tanh"``.
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` to choose.

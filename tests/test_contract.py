@@ -3,6 +3,7 @@
 - Layouts: any ``x`` and weight layout the dispatcher accepts gives the reference's answer, and the
   output is always a fresh row-major tensor (kernels that take a caller's ``out`` write all of it:
   those tests poison it with NaN first).
+- Dropped channels contribute exactly nothing, whatever their scale (inf and NaN included).
 
 Tolerances follow flash-attn, as in ``test_masked_ffn.check_against_reference``.
 """
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 from conftest import device_for, require_backend
+from persona_kernels.masks import bits_to_keep, channel_keep
 from persona_kernels.ops import BACKENDS, _masked_ffn_op, masked_ffn
 from persona_kernels.reference import masked_ffn_reference
-from test_masked_ffn import DTYPES, _seed, check_against_reference, make_inputs, with_output_bias
+from test_masked_ffn import DTYPES, EMPTY_ROW, _seed, check_against_reference, make_inputs, with_output_bias
 
 X_LAYOUTS = ("contiguous", "column_major", "strided_rows", "strided_cols", "offset", "broadcast_rows")
 WEIGHT_LAYOUTS = ("contiguous", "stacked_views", "column_major", "offset", "broadcast_rows")
@@ -167,3 +169,29 @@ def test_fake_output_is_row_major():
     args = (x, inputs["gate_up"], inputs["down_t"], inputs["persona_ids"], inputs["keep_bits"], inputs["scales"],
             G, "silu", "reference")
     torch.library.opcheck(_masked_ffn_op, args, test_utils=("test_faketensor",))
+
+
+# --- dropped channels contribute nothing, whatever their scale ---------------------------------
+
+def poison_dropped_scales(inputs: dict, value: float) -> dict:
+    """``inputs`` with ``value`` as every dropped channel's scale (every channel of the empty persona)."""
+    keep = channel_keep(bits_to_keep(inputs["keep_bits"], D_FF // G), G)
+    scales = inputs["scales"].clone()
+    scales[~keep] = value
+    return dict(inputs, scales=scales)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("T", [5, 80])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropped_channel_scales_ignored(backend, dtype, T, value):
+    require_backend(backend)
+    clean = make_inputs(T, D, D_FF, G, "mixed_scales", dtype, device_for(backend), _seed("dropped", dtype, T))
+    clean["persona_ids"][0] = EMPTY_ROW
+    poisoned = poison_dropped_scales(clean, value)
+    out = masked_ffn(**poisoned, group_size=G, backend=backend)
+    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} elements not finite"
+    check_against_reference(backend, poisoned, G)
+    if backend == "reference":  # the spec itself: bit for bit the answer with finite dropped scales
+        assert torch.equal(out, masked_ffn(**clean, group_size=G, backend=backend))

@@ -3,9 +3,11 @@
 Three launches, each reading its weights once per token block:
 
 1. :func:`decode_gate_up_kernel`: for a chunk of union channels (weights outer) and a block of
-   tokens (tokens inner), ``h[t, j] = keep(p(t), c_j) * scale[p(t), c_j] * act(x[t] . Wg[c_j]) * (x[t] . Wu[c_j])``
-   where ``c_j`` is the ``j``-th kept channel of the union. A token whose persona lacks a group
-   multiplies by its zero bit. ``h`` is ``[T, d_ff]`` in x's dtype, columns past the union unused.
+   tokens (tokens inner), ``h[t, j] = scale[p(t), c_j] * act(x[t] . Wg[c_j]) * (x[t] . Wu[c_j])``
+   where ``c_j`` is the ``j``-th kept channel of the union; where the token's persona lacks
+   ``c_j``'s group, ``h[t, j]`` is selected to be exactly 0, so nothing of that channel (an inf or
+   NaN scale included) reaches the output. ``h`` is ``[T, d_ff]`` in x's dtype, columns past the
+   union unused.
 2. :func:`decode_down_kernel`: split-K over the union channels: program ``(t-block, d-tile, split)``
    accumulates ``h[:, slice] @ down_t[c_slice, d-tile]`` in fp32 and stores the partial
    ``[S, T, d]`` (or, with one split, the final output directly).
@@ -94,10 +96,11 @@ def decode_gate_up_kernel(
 
     word = tl.load(bits_ptr + persona[:, None] * n_words + (group >> 5)[None, :])
     kept = ((word >> (group & 31)[None, :]) & 1) != 0
-    h = tl.where(kept, activate(acc_g, ACT) * acc_u, 0.0)
-    if HAS_SCALES:
-        s_ok = t_ok[:, None] & j_ok[None, :]
+    h = activate(acc_g, ACT) * acc_u
+    if HAS_SCALES:  # dropped channels' scales are never read
+        s_ok = kept & t_ok[:, None] & j_ok[None, :]
         h *= tl.load(scales_ptr + persona[:, None].to(tl.int64) * d_ff + channel[None, :], mask=s_ok, other=0.0)
+    h = tl.where(kept, h, 0.0)  # a select, not a product: exactly 0 even where h overflowed
     tl.store(h_ptr + t_row[:, None] * stride_ht + j[None, :], h.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & j_ok[None, :])
 
 
