@@ -226,6 +226,7 @@ def masked_ffn(
             a separate elementwise pass after the triton and cuda kernels.
 
     Any layout of ``x`` and of the weights is accepted (strided, transposed, offset or broadcast views).
+    Rounding of the intermediates: :mod:`persona_kernels.reference`.
 
     Returns:
         A new row-major ``[T, d]`` tensor in ``x.dtype``; nothing is modified in place.

@@ -12,13 +12,27 @@ A dropped channel contributes exactly nothing, whatever its scale: an inf or NaN
 overflowing ``h``) never reaches the output, because dropping selects zero rather than multiplying
 by a zero bit (the kernels never read dropped channels' scales, or select the same way).
 
-Optional per-persona
-FFN input gains first replace ``x[t]`` by ``x[t] * gain[p(t)]``, rounded to ``x``'s dtype
-(:func:`apply_input_gains`); the cpu and triton kernels fuse this into their token loads; for
-the cuda backend the dispatcher applies it first. An optional per-persona FFN output bias is added
-last, to the rounded output: ``y[t] + bias[p(t)]`` in float32, rounded to ``x``'s dtype
-(:func:`apply_output_bias`); the cpu kernel fuses it into its store, for the triton and cuda
+Optional per-persona FFN input gains first replace ``x[t]`` by ``x[t] * gain[p(t)]``
+(:func:`apply_input_gains`): the cpu and triton kernels fuse this into their token loads; for the
+cuda backend the dispatcher applies it first. An optional per-persona FFN output bias is added
+last (:func:`apply_output_bias`): the cpu kernel fuses it into its store; for the triton and cuda
 backends the dispatcher applies it after.
+
+Rounding, which every backend follows (``dtype`` is x's dtype; with float32 nothing rounds):
+
+1. gained input: ``x * gain`` in float32, rounded to nearest even in ``dtype``, exactly as
+   :func:`apply_input_gains` (the fused kernels give the same bits);
+2. gate and up projections: products of ``dtype`` values accumulated in float32, never rounded;
+3. activation product: ``act(gate) * up * scale`` in float32 (the scale before any rounding). The
+   reference, the cpu kernel and the cuda decode path feed it to the down projection in float32;
+   the paths whose down projection runs on 16-bit tensor cores (triton, cuda prefill) round it
+   once, to nearest even in ``dtype``. The oracle does not round it: that rounding is part of the
+   error the tests allow (twice plain PyTorch's own, which rounds every intermediate);
+4. down projection: accumulated in float32 and rounded once, to nearest even in ``dtype``;
+5. output bias: added in float32 to that rounded output, and the sum rounded again to ``dtype``.
+
+``masked_ffn_reference(..., upcast=False)`` is not the contract but its yardstick: the same formula
+computed in ``dtype`` with every intermediate rounded, as a stock Hugging Face MLP does.
 """
 
 from __future__ import annotations

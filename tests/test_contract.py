@@ -4,6 +4,8 @@
   output is always a fresh row-major tensor (kernels that take a caller's ``out`` write all of it:
   those tests poison it with NaN first).
 - Dropped channels contribute exactly nothing, whatever their scale (inf and NaN included).
+- Rounding (``reference`` module docstring): checked bit for bit on inputs whose float32 arithmetic
+  is exact, so the only rounding left is the one the contract prescribes.
 
 Tolerances follow flash-attn, as in ``test_masked_ffn.check_against_reference``.
 """
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from conftest import device_for, require_backend
-from persona_kernels.masks import bits_to_keep, channel_keep
+from persona_kernels.masks import bits_to_keep, channel_keep, keep_to_bits
 from persona_kernels.ops import BACKENDS, _masked_ffn_op, masked_ffn
 from persona_kernels.reference import masked_ffn_reference
 from test_masked_ffn import DTYPES, EMPTY_ROW, _seed, check_against_reference, make_inputs, with_output_bias
@@ -195,3 +197,53 @@ def test_dropped_channel_scales_ignored(backend, dtype, T, value):
     check_against_reference(backend, poisoned, G)
     if backend == "reference":  # the spec itself: bit for bit the answer with finite dropped scales
         assert torch.equal(out, masked_ffn(**clean, group_size=G, backend=backend))
+
+
+# --- rounding, bit for bit ----------------------------------------------------------------------
+
+def exact_inputs(T: int, dtype: torch.dtype, device: torch.device, seed: int) -> tuple[dict, torch.Tensor]:
+    """Inputs on which every float32 sum and product is exact, and the output each dtype must give.
+
+    Each gate is 32 (so ``act(gate) = 32`` exactly: sigmoid and tanh round to 1), each ``h`` a small
+    integer times a power-of-two scale (exact in bf16), ``down_t`` entries multiples of 2^-8: the
+    float32 result is the exact sum, and the contract leaves one rounding, to nearest even in
+    ``dtype``, then the bias added in float32 to that rounded output and rounded again. Dropped
+    channels carry inf/NaN scales. Persona 0 is dense, 1 empty, 2 and 3 keep half the groups.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    d, d_ff, n_groups = 24, 64, 64 // G
+    x = torch.zeros(T, d)
+    x[:, 0] = 1.0
+    x[:, 1] = torch.randint(0, 3, (T,), generator=gen).float()
+    gate_up = torch.zeros(d_ff, 2, d)
+    gate_up[:, 0, 0] = 32.0
+    gate_up[:, 1, :2] = torch.randint(-4, 5, (d_ff, 2), generator=gen) / 32.0
+    down_t = torch.randint(-127, 128, (d_ff, d), generator=gen) / 256.0
+    keep = torch.tensor([[True] * n_groups, [False] * n_groups,
+                         [True, False] * (n_groups // 2), [False, True] * (n_groups // 2)])
+    scales = 2.0 ** torch.randint(-1, 2, (4, d_ff), generator=gen).float()
+    dropped = ~keep.repeat_interleave(G, dim=1)
+    scales = torch.where(dropped & (torch.arange(d_ff) % 2 == 0), float("inf"), scales)
+    scales = torch.where(dropped & (torch.arange(d_ff) % 2 == 1), float("nan"), scales)
+    bias = torch.randint(-63, 64, (4, d), generator=gen) / 64.0
+    ids = torch.randint(0, 4, (T,), generator=gen)
+
+    h = torch.where(dropped[ids], 0.0, 32.0 * (x.double() @ gate_up[:, 1].double().T) * scales[ids].double())
+    y = (h @ down_t.double()).float()  # exact: no term or partial sum needs more than 24 bits
+    expected = (y.to(dtype).float() + bias[ids]).to(dtype)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    inputs = dict(x=cast(x), gate_up=cast(gate_up), down_t=cast(down_t), persona_ids=ids.to(device),
+                  keep_bits=keep_to_bits(keep).to(device), scales=scales.to(device), output_bias=bias.to(device))
+    return inputs, expected.to(device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("T", [5, 80])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rounding_contract_bit_for_bit(backend, dtype, T, activation):
+    require_backend(backend)
+    inputs, expected = exact_inputs(T, dtype, device_for(backend), _seed("exact", T))
+    out = masked_ffn(**inputs, group_size=G, activation=activation, backend=backend)
+    mismatches = (out != expected).sum().item()
+    assert mismatches == 0, f"{mismatches} of {out.numel()} elements differ from the once-rounded exact result"

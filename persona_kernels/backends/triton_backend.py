@@ -94,7 +94,8 @@ def _t_class(n_tokens: int) -> int:
 
 def _precision_flags(dtype: torch.dtype) -> dict[str, bool]:
     """Constexprs that depend on the dtype: exact fp32 dots (fp32, and bf16 under the interpreter,
-    whose bf16 ``tl.dot`` is wrong) and round-to-nearest-even bf16 casts by hand (the interpreter truncates)."""
+    whose bf16 ``tl.dot`` is wrong) and round-to-nearest-even bf16 casts by hand (the interpreter
+    truncates) for every rounding the contract has: gained tokens, ``h``, the output."""
     interpreted_bf16 = INTERPRET and dtype == torch.bfloat16
     return {"FP32_DOT": dtype == torch.float32 or interpreted_bf16, "BF16_RNE_BY_HAND": interpreted_bf16}
 
@@ -118,7 +119,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
     )
     d_tiles = triton.cdiv(d, decode.DOWN_BLOCK_D)
     splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks * d_tiles), triton.cdiv(d_ff, 256)))
-    common = dict(FP32_DOT=flags["FP32_DOT"], BLOCK_T=block_t, BLOCK_D=decode.DOWN_BLOCK_D)
+    common = dict(**flags, BLOCK_T=block_t, BLOCK_D=decode.DOWN_BLOCK_D)
     grid = (t_blocks, d_tiles, splits)
     if splits == 1:
         decode.decode_down_kernel[grid](
@@ -132,7 +133,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
         SPLIT=True, **common,
     )
     decode.reduce_splits_kernel[(triton.cdiv(T * d, REDUCE_SPLITS_BLOCK),)](
-        part, out, out.stride(0), T, d, splits, BLOCK=REDUCE_SPLITS_BLOCK,
+        part, out, out.stride(0), T, d, splits, BF16_RNE_BY_HAND=flags["BF16_RNE_BY_HAND"], BLOCK=REDUCE_SPLITS_BLOCK,
     )
 
 
@@ -156,7 +157,7 @@ def _run_prefill(x, gate_up, down_t, scales, gains, group_size, act, meta, layer
         h, h.stride(0), down_t, meta.token_order, meta.slot_start,
         meta.tile_slot, meta.tile_start, meta.n_tiles, slot_ids, slot_count, meta.n_groups,
         out, out.stride(0), d, d_ff, group_size, t_class,
-        FP32_DOT=flags["FP32_DOT"], BLOCK_M=meta.block_m,
+        **flags, BLOCK_M=meta.block_m,
     )
 
 
