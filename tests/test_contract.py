@@ -6,6 +6,7 @@
 - Dropped channels contribute exactly nothing, whatever their scale (inf and NaN included).
 - Rounding (``reference`` module docstring): checked bit for bit on inputs whose float32 arithmetic
   is exact, so the only rounding left is the one the contract prescribes.
+- Tables: scales, gains and bias are float; ``keep_bits`` sets no bit past the last group.
 
 Tolerances follow flash-attn, as in ``test_masked_ffn.check_against_reference``.
 """
@@ -16,9 +17,12 @@ import pytest
 import torch
 
 from conftest import device_for, require_backend
+from persona_kernels.bank import MaskBank, MaskBankError, PersonaMask
+from persona_kernels.bank_io import bank_to_tensors
 from persona_kernels.masks import bits_to_keep, channel_keep, keep_to_bits
 from persona_kernels.ops import BACKENDS, _masked_ffn_op, masked_ffn
 from persona_kernels.reference import masked_ffn_reference
+from test_bank import write_raw
 from test_masked_ffn import DTYPES, EMPTY_ROW, _seed, check_against_reference, make_inputs, with_output_bias
 
 X_LAYOUTS = ("contiguous", "column_major", "strided_rows", "strided_cols", "offset", "broadcast_rows")
@@ -247,3 +251,42 @@ def test_rounding_contract_bit_for_bit(backend, dtype, T, activation):
     out = masked_ffn(**inputs, group_size=G, activation=activation, backend=backend)
     mismatches = (out != expected).sum().item()
     assert mismatches == 0, f"{mismatches} of {out.numel()} elements differ from the once-rounded exact result"
+
+
+# --- table dtypes and bitmap padding -------------------------------------------------------------
+
+@pytest.mark.parametrize("table", ["scales", "input_gains", "output_bias"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool], ids=str)
+def test_tables_must_be_float(table, dtype):
+    """One rule for the three per-persona tables: a float dtype (any; the kernels read them in fp32)."""
+    inputs = make_inputs(3, 16, 64, 16, "mixed_scales", torch.float32, torch.device("cpu"), 11)
+    width = 64 if table == "scales" else 16
+    inputs[table] = torch.ones(inputs["keep_bits"].shape[0], width, dtype=dtype)
+    with pytest.raises(ValueError, match=f"{table} must be float"):
+        masked_ffn(**inputs, group_size=16, backend="reference")
+    inputs[table] = inputs[table].to(torch.float64)  # any float dtype passes
+    masked_ffn(**inputs, group_size=16, backend="reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_bits_refused(backend):
+    """A bit set past the last group (96 / 16 = 6 groups, bits 6..31 of the word) is refused by name."""
+    require_backend(backend)
+    inputs = make_inputs(3, D, D_FF, G, "mixed", torch.float32, device_for(backend), 4)
+    inputs["keep_bits"][2, 0] |= 1 << 6
+    with pytest.raises(ValueError, match=r"keep_bits sets bits past the last group \(group 5\) in rows \[2\]"):
+        masked_ffn(**inputs, group_size=G, backend=backend)
+    inputs["keep_bits"][2, 0] &= ~(1 << 6)
+    inputs["keep_bits"][0, 0] |= -(1 << 31)  # the sign bit is a padding bit too
+    with pytest.raises(ValueError, match=r"in rows \[0\]"):
+        masked_ffn(**inputs, group_size=G, backend=backend)
+
+
+def test_bank_with_padding_bits_refused(tmp_path):
+    """Where bitmaps are loaded: a bank file whose bitmaps set a padding bit is refused by name."""
+    keep = torch.rand(2, D_FF // G, generator=torch.Generator().manual_seed(5)) < 0.5
+    bank = MaskBank("tiny", "f" * 32, 2, D_FF, G, [PersonaMask("a", keep), PersonaMask("b", ~keep)])
+    tensors, metadata = bank_to_tensors(bank)
+    tensors["bitmaps"][1, 1, 0] |= 1 << (D_FF // G)
+    with pytest.raises(MaskBankError, match=r"persona 2 layer 1 set bits past the last group \(group 5\)"):
+        MaskBank.load(write_raw(tmp_path / "padded.safetensors", tensors, metadata))
