@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
 from .bank import FORMAT_NAME, FORMAT_VERSION, HIDDEN_VECTORS, MaskBank, MaskBankError, PersonaMask
-from .masks import bits_to_keep, channel_keep, ids_to_keep, keep_to_bits, num_words
+from .masks import channel_keep, ids_to_keep, keep_to_bits, num_words, padding_rows
 
 _REQUIRED = ("kept_groups", "kept_offsets", "bitmaps")
 _KNOWN = (*_REQUIRED, "scales", "scale_offsets", "permutation", *HIDDEN_VECTORS)
@@ -256,8 +256,13 @@ def _decode_keep(tensors: dict[str, torch.Tensor], n_personas: int, n_layers: in
         if group_ids.numel() > 1 and not bool((group_ids[1:] > group_ids[:-1]).all()):
             raise MaskBankError(f"{where}: persona {persona + 1} layer {layer} has duplicate or unsorted group ids")
         keep[persona, layer] = ids_to_keep(group_ids, n_groups)
-    if not torch.equal(keep_to_bits(keep), bits) or not torch.equal(bits_to_keep(bits, n_groups), keep):
-        raise MaskBankError(f"{where}: bitmaps disagree with kept_groups (or have bits set past group {n_groups - 1})")
+    stray = padding_rows(bits, n_groups)
+    if bool(stray.any()):
+        persona, layer = (int(i) for i in torch.nonzero(stray)[0])
+        raise MaskBankError(f"{where}: bitmaps of persona {persona + 1} layer {layer} set bits past the last group "
+                            f"(group {n_groups - 1})")
+    if not torch.equal(keep_to_bits(keep), bits):
+        raise MaskBankError(f"{where}: bitmaps disagree with kept_groups")
     return keep
 
 

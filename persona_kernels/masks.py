@@ -2,7 +2,8 @@
 
 - ``keep``: bool ``[..., n_groups]``, True where a group of ``G`` channels is kept.
 - ``bits``: int32 ``[..., ceil(n_groups / 32)]``; group ``g`` is bit ``g % 32`` of word ``g // 32``
-  (two's complement: bit 31 is the sign bit). Bits past ``n_groups`` are zero.
+  (two's complement: bit 31 is the sign bit). Bits past ``n_groups`` (padding) are zero:
+  :func:`keep_to_bits` never sets them and :func:`padding_rows` finds rows that do.
 - ``ids``: sorted int32 group ids of the kept groups (one persona, one layer).
 """
 
@@ -38,6 +39,24 @@ def bits_to_keep(bits: torch.Tensor, n_groups: int) -> torch.Tensor:
     shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.int32)
     unpacked = torch.bitwise_and(torch.bitwise_right_shift(bits.to(torch.int32).unsqueeze(-1), shifts), 1)
     return unpacked.reshape(*bits.shape[:-1], bits.shape[-1] * WORD_BITS)[..., :n_groups].bool()
+
+
+def padding_rows(bits: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Bool ``[...]`` over the bitmaps of int32 ``bits [..., words]``: True where a padding bit (past
+    group ``n_groups - 1``, in the last word) is set. Device ops only, no host sync."""
+    used = n_groups % WORD_BITS
+    if used == 0 or bits.shape[-1] == 0:
+        return torch.zeros(bits.shape[:-1], dtype=torch.bool, device=bits.device)
+    return torch.bitwise_and(bits[..., -1], -(1 << used)) != 0  # -(1 << used): bits used..31 set
+
+
+def check_padding(bits: torch.Tensor, n_groups: int, name: str = "keep_bits") -> None:
+    """Raise ``ValueError`` naming the rows of ``bits [rows, words]`` that set a padding bit (one host sync)."""
+    rows = torch.nonzero(padding_rows(bits, n_groups).cpu()).flatten().tolist()
+    if rows:
+        shown = f"{rows[:8]}{' ...' if len(rows) > 8 else ''}"
+        raise ValueError(f"{name} sets bits past the last group (group {n_groups - 1}) in rows {shown}; "
+                         "padding bits must be zero")
 
 
 def keep_to_ids(keep: torch.Tensor) -> torch.Tensor:

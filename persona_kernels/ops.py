@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from .masks import num_words
+from .masks import check_padding, num_words, padding_rows
 from .reference import ACTIVATIONS, apply_input_gains, apply_output_bias, masked_ffn_reference
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -119,19 +119,44 @@ def check_masked_ffn_args(
             f"got {keep_bits.dtype} {tuple(keep_bits.shape)}"
         )
     n_personas = keep_bits.shape[0]
-    if scales is not None and (tuple(scales.shape) != (n_personas, d_ff) or scales.device != x.device):
-        raise ValueError(f"scales must be [{n_personas}, {d_ff}] on {x.device}, got {tuple(scales.shape)} on {scales.device}")
-    for name, table in (("input_gains", input_gains), ("output_bias", output_bias)):
-        if table is not None and (tuple(table.shape) != (n_personas, d) or table.device != x.device
+    for name, table, width in (("scales", scales, d_ff), ("input_gains", input_gains, d), ("output_bias", output_bias, d)):
+        if table is not None and (tuple(table.shape) != (n_personas, width) or table.device != x.device
                                   or not table.is_floating_point()):
             raise ValueError(
-                f"{name} must be float [{n_personas}, {d}] on {x.device}, got {table.dtype} "
+                f"{name} must be float [{n_personas}, {width}] on {x.device}, got {table.dtype} "
                 f"{tuple(table.shape)} on {table.device}"
             )
-    if check_ids and T > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(persona_ids.min()), int(persona_ids.max())
-        if lo < 0 or hi >= n_personas:
-            raise ValueError(f"persona id out of range: ids span [{lo}, {hi}] but keep_bits has {n_personas} rows")
+    if check_ids and not torch.compiler.is_compiling():
+        _check_contents(persona_ids, keep_bits, d_ff // group_size)
+
+
+def _check_contents(persona_ids: torch.Tensor, keep_bits: torch.Tensor, n_groups: int) -> None:
+    """Persona ids in range and no padding bit set in ``keep_bits``: one read back to the host."""
+    flags = [padding_rows(keep_bits, n_groups).any()]
+    if persona_ids.numel():
+        flags += [persona_ids.min(), persona_ids.max()]
+    values = torch.stack([flag.to(torch.int64) for flag in flags]).tolist()
+    if values[0]:
+        check_padding(keep_bits, n_groups)
+    if len(values) == 3 and (values[1] < 0 or values[2] >= keep_bits.shape[0]):
+        raise ValueError(f"persona id out of range: ids span [{values[1]}, {values[2]}] but keep_bits has "
+                         f"{keep_bits.shape[0]} rows")
+
+
+def output_buffer(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``[T, d]`` output of a call on ``x``: a fresh row-major tensor when ``out`` is None, else
+    ``out`` once checked to be writable row by row (x's dtype and device, unit column stride,
+    rows that do not overlap), which the backends that take one require."""
+    T, d = x.shape
+    if out is None:
+        return torch.empty((T, d), dtype=x.dtype, device=x.device)
+    if (tuple(out.shape) != (T, d) or out.dtype != x.dtype or out.device != x.device
+            or (d > 1 and out.stride(1) != 1) or (T > 1 and out.stride(0) < d)):
+        raise ValueError(
+            f"out must be a [{T}, {d}] {x.dtype} tensor on {x.device} with unit column stride and rows that do "
+            f"not overlap, got {out.dtype} {tuple(out.shape)} with strides {out.stride()} on {out.device}"
+        )
+    return out
 
 
 @torch.library.custom_op("persona_kernels::masked_ffn", mutates_args=())
@@ -165,7 +190,7 @@ def _masked_ffn_op(
 @_masked_ffn_op.register_fake
 def _masked_ffn_fake(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, backend,
                      input_gains=None, output_bias=None):
-    return torch.empty_like(x)
+    return output_buffer(x)
 
 
 def masked_ffn(
@@ -194,21 +219,27 @@ def masked_ffn(
         down_t: ``[d_ff, d]`` transposed down projection, same dtype as ``x``.
         persona_ids: ``[T]`` int32/int64, each token's row of ``keep_bits``.
         keep_bits: ``[P, ceil(d_ff / G / 32)]`` int32 group bitmaps (see :mod:`persona_kernels.masks`).
-        scales: optional ``[P, d_ff]`` per-channel scales applied before the down projection.
+        scales: optional ``[P, d_ff]`` float per-channel scales applied before the down projection
+            (only kept channels' scales are read: a dropped channel contributes nothing, even with
+            an inf or NaN scale).
         group_size: channels per group ``G`` (divides ``d_ff``).
         activation: ``"silu"`` or ``"gelu_tanh"``.
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` to choose.
-        check_ids: verify persona ids are in range (synchronises a GPU; callers that validated
-            ids already, or capture CUDA graphs, pass ``False``).
-        input_gains: optional ``[P, d]`` per-persona gains multiplying ``x`` first
+        check_ids: verify persona ids are in range and ``keep_bits`` sets no padding bit (past
+            the last group): one device sync; callers that validated both already, or capture
+            CUDA graphs, pass ``False``.
+        input_gains: optional ``[P, d]`` float per-persona gains multiplying ``x`` first
             (:func:`~persona_kernels.reference.apply_input_gains`): fused into the token loads of
             the cpu and triton kernels, a separate elementwise pass before the cuda kernels.
-        output_bias: optional ``[P, d]`` per-persona bias added to the output
+        output_bias: optional ``[P, d]`` float per-persona bias added to the output
             (:func:`~persona_kernels.reference.apply_output_bias`): fused into the cpu kernel's store,
             a separate elementwise pass after the triton and cuda kernels.
 
+    Any layout of ``x`` and of the weights is accepted (strided, transposed, offset or broadcast views).
+    Rounding of the intermediates: :mod:`persona_kernels.reference`.
+
     Returns:
-        ``[T, d]`` output in ``x.dtype``; nothing is modified in place.
+        A new row-major ``[T, d]`` tensor in ``x.dtype``; nothing is modified in place.
     """
     check_masked_ffn_args(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, check_ids,
                           input_gains, output_bias)

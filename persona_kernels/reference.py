@@ -2,17 +2,38 @@
 
 Semantics (one transformer layer, tokens ``t`` with persona ``p(t)``)::
 
-    h[t, c] = act(gate_up[c, 0] . x[t]) * (gate_up[c, 1] . x[t])            # c in [0, d_ff)
-    y[t]    = sum_c keep[p(t), c // G] * scale[p(t), c] * h[t, c] * down_t[c]
+    h[t, c] = act(gate_up[c, 0] . x[t]) * (gate_up[c, 1] . x[t]) * scale[p(t), c]   # c kept by p(t)
+    h[t, c] = 0                                                                        # c dropped
+    y[t]    = sum_c h[t, c] * down_t[c]
 
-where ``keep`` is the per-persona group bitmap (``keep_bits``) and ``scale`` is 1 where no
-scales are given. The dense persona is simply a row whose bits are all set. Optional per-persona
-FFN input gains first replace ``x[t]`` by ``x[t] * gain[p(t)]``, rounded to ``x``'s dtype
-(:func:`apply_input_gains`); the cpu and triton kernels fuse this into their token loads; for
-the cuda backend the dispatcher applies it first. An optional per-persona FFN output bias is added
-last, to the rounded output: ``y[t] + bias[p(t)]`` in float32, rounded to ``x``'s dtype
-(:func:`apply_output_bias`); the cpu kernel fuses it into its store, for the triton and cuda
-backends the dispatcher applies it after.
+where channel ``c`` is kept when bit ``c // G`` of the persona's row of ``keep_bits`` is set, and
+``scale`` is 1 where no scales are given. The dense persona is simply a row whose bits are all set.
+A dropped channel contributes exactly nothing, whatever its scale: an inf or NaN scale there (or an
+overflowing ``h``) never reaches the output, because dropping selects zero rather than multiplying
+by a zero bit (the kernels never read dropped channels' scales, or select the same way).
+
+Optional per-persona FFN input gains first replace ``x[t]`` by ``x[t] * gain[p(t)]``
+(:func:`apply_input_gains`): the cpu and triton kernels fuse this into their token loads; for the
+cuda backend the dispatcher applies it first. An optional per-persona FFN output bias is added
+last (:func:`apply_output_bias`): the cpu kernel fuses it into its store; for the triton and cuda
+backends the dispatcher applies it after. Scales, gains and bias are float tables (any float
+dtype), read in float32.
+
+Rounding, which every backend follows (``dtype`` is x's dtype; with float32 nothing rounds):
+
+1. gained input: ``x * gain`` in float32, rounded to nearest even in ``dtype``, exactly as
+   :func:`apply_input_gains` (the fused kernels give the same bits);
+2. gate and up projections: products of ``dtype`` values accumulated in float32, never rounded;
+3. activation product: ``act(gate) * up * scale`` in float32 (the scale before any rounding). The
+   reference, the cpu kernel and the cuda decode path feed it to the down projection in float32;
+   the paths whose down projection runs on 16-bit tensor cores (triton, cuda prefill) round it
+   once, to nearest even in ``dtype``. The oracle does not round it: that rounding is part of the
+   error the tests allow (twice plain PyTorch's own, which rounds every intermediate);
+4. down projection: accumulated in float32 and rounded once, to nearest even in ``dtype``;
+5. output bias: added in float32 to that rounded output, and the sum rounded again to ``dtype``.
+
+``masked_ffn_reference(..., upcast=False)`` is not the contract but its yardstick: the same formula
+computed in ``dtype`` with every intermediate rounded, as a stock Hugging Face MLP does.
 """
 
 from __future__ import annotations
@@ -20,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .masks import bits_to_keep
+from .masks import bits_to_keep, channel_keep
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -67,7 +88,8 @@ def masked_ffn_reference(
         down_t: ``[d_ff, d]`` transposed down projection (row ``c`` is ``W_down[:, c]``).
         persona_ids: ``[T]`` integer row of ``keep_bits`` for each token.
         keep_bits: ``[P, ceil(d_ff / G / 32)]`` int32 bitmap of kept channel groups per persona.
-        scales: ``[P, d_ff]`` float per-channel scales, or ``None`` for all ones.
+        scales: ``[P, d_ff]`` float per-channel scales, or ``None`` for all ones (dropped channels'
+            scales are ignored, whatever their value).
         group_size: channels per group ``G``.
         activation: ``"silu"`` or ``"gelu_tanh"``.
         upcast: compute in float32 (the oracle); ``False`` computes in the input dtype with
@@ -76,7 +98,7 @@ def masked_ffn_reference(
         output_bias: ``[P, d]`` float per-persona bias added to the rounded output, or ``None``.
 
     Returns:
-        ``[T, d]`` in ``x.dtype``.
+        A new row-major ``[T, d]`` tensor in ``x.dtype``.
     """
     if input_gains is not None:
         x = apply_input_gains(x, input_gains, persona_ids)
@@ -86,10 +108,10 @@ def masked_ffn_reference(
     gate = xc @ wgu[:, 0].T
     up = xc @ wgu[:, 1].T
     hidden = activate(gate, activation) * up  # [T, d_ff]
-    keep = bits_to_keep(keep_bits, d_ff // group_size)  # [P, n_groups] bool
-    channel_mask = keep.repeat_interleave(group_size, dim=1).to(compute)  # [P, d_ff]
+    ids = persona_ids.long()
     if scales is not None:
-        channel_mask = channel_mask * scales.to(compute)
-    hidden = hidden * channel_mask[persona_ids.long()]
+        hidden = hidden * scales.to(compute)[ids]
+    kept = channel_keep(bits_to_keep(keep_bits, d_ff // group_size), group_size)[ids]  # [T, d_ff] bool
+    hidden = torch.where(kept, hidden, 0.0)
     out = (hidden @ wd).to(x.dtype)
     return out if output_bias is None else apply_output_bias(out, output_bias, persona_ids)

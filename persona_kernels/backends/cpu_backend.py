@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import output_buffer
+
 try:
     from .. import _cpu  # type: ignore[attr-defined]
 
@@ -53,7 +55,7 @@ def masked_ffn(
     """Run the C++ kernel on CPU tensors (arguments already validated by the dispatcher).
 
     Semantics: :func:`persona_kernels.reference.masked_ffn_reference` (``input_gains [P, d]``
-    included, applied as the kernel loads each token, and ``output_bias [P, d]``, added as it stores). Returns a new ``[T, d]`` tensor in
+    included, applied as the kernel loads each token, and ``output_bias [P, d]``, added as it stores). Returns a new row-major ``[T, d]`` tensor in
     ``x.dtype``. ``num_threads=0`` uses OpenMP's default (all cores); ``isa`` picks the inner loops
     (``"auto"``, ``"avx2"`` or ``"generic"``), for tests and benchmarks.
     """
@@ -77,7 +79,7 @@ def masked_ffn(
     scales_f32 = None if scales is None else scales.to(torch.float32).contiguous()
     gains_f32 = None if input_gains is None else input_gains.to(torch.float32).contiguous()
     bias_f32 = None if output_bias is None else output_bias.to(torch.float32).contiguous()
-    out = torch.empty_like(x)
+    out = output_buffer(x)
     T, d = x.shape
     _cpu.masked_ffn(
         x.data_ptr(), gate_up.data_ptr(), down_t.data_ptr(), ids.data_ptr(), bits.data_ptr(),

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from ..ops import output_buffer
+
 try:
     from .. import _cuda  # type: ignore[attr-defined]
 
@@ -77,11 +79,12 @@ def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, a
 
     Args:
         path: ``"auto"``, ``"decode"`` or ``"prefill"`` (default: ``PERSONA_KERNELS_CUDA_PATH`` or auto).
-        out: ``[T, d]`` output of ``x.dtype`` with unit column stride, written in full.
+        out: ``[T, d]`` output of ``x.dtype`` with unit column stride and rows that do not overlap
+            (:func:`persona_kernels.ops.output_buffer`), written in full.
         workspace: uint8 device tensor of at least :func:`workspace_bytes` bytes.
 
     Returns:
-        ``out`` (a new tensor when not given).
+        ``out``, or a new row-major ``[T, d]`` tensor when not given.
     """
     _require_module()
     if x.device.type != "cuda":
@@ -92,11 +95,7 @@ def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, a
     d_ff = gate_up.shape[0]
     num_personas = keep_bits.shape[0]
     dtype, path_name = _DTYPE_NAMES[x.dtype], _path_name(path)
-    if out is None:
-        out = torch.empty((num_tokens, d_model), dtype=x.dtype, device=x.device)
-    elif out.shape != (num_tokens, d_model) or out.dtype != x.dtype or out.device != x.device or (
-            num_tokens > 0 and d_model > 0 and out.stride(1) != 1):
-        raise ValueError(f"out must be a [{num_tokens}, {d_model}] {x.dtype} tensor on {x.device} with unit column stride")
+    out = output_buffer(x, out)
     if num_tokens == 0 or d_model == 0:
         return out
     if x.stride(1) != 1 or (num_tokens > 1 and x.stride(0) < d_model):

@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from ..masks import num_words
+from ..ops import output_buffer
 from ..reference import ACTIVATIONS, apply_input_gains
 from ..step_meta import StepMeta, max_tiles
 
@@ -96,7 +97,8 @@ def _t_class(n_tokens: int) -> int:
 
 def _precision_flags(dtype: torch.dtype) -> dict[str, bool]:
     """Constexprs that depend on the dtype: exact fp32 dots (fp32, and bf16 under the interpreter,
-    whose bf16 ``tl.dot`` is wrong) and round-to-nearest-even bf16 casts by hand (the interpreter truncates)."""
+    whose bf16 ``tl.dot`` is wrong) and round-to-nearest-even bf16 casts by hand (the interpreter
+    truncates) for every rounding the contract has: gained tokens, ``h``, the output."""
     interpreted_bf16 = INTERPRET and dtype == torch.bfloat16
     return {"FP32_DOT": dtype == torch.float32 or interpreted_bf16, "BF16_RNE_BY_HAND": interpreted_bf16}
 
@@ -120,7 +122,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
     )
     d_tiles = triton.cdiv(d, decode.DOWN_BLOCK_D)
     splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks * d_tiles), triton.cdiv(d_ff, 256)))
-    common = dict(FP32_DOT=flags["FP32_DOT"], BLOCK_T=block_t, BLOCK_D=decode.DOWN_BLOCK_D)
+    common = dict(**flags, BLOCK_T=block_t, BLOCK_D=decode.DOWN_BLOCK_D)
     grid = (t_blocks, d_tiles, splits)
     if splits == 1:
         decode.decode_down_kernel[grid](
@@ -134,7 +136,7 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
         SPLIT=True, **common,
     )
     decode.reduce_splits_kernel[(triton.cdiv(T * d, REDUCE_SPLITS_BLOCK),)](
-        part, out, out.stride(0), T, d, splits, BLOCK=REDUCE_SPLITS_BLOCK,
+        part, out, out.stride(0), T, d, splits, BF16_RNE_BY_HAND=flags["BF16_RNE_BY_HAND"], BLOCK=REDUCE_SPLITS_BLOCK,
     )
 
 
@@ -158,7 +160,7 @@ def _run_prefill(x, gate_up, down_t, scales, gains, group_size, act, meta, layer
         h, h.stride(0), down_t, meta.token_order, meta.slot_start,
         meta.tile_slot, meta.tile_start, meta.n_tiles, slot_ids, slot_count, meta.n_groups,
         out, out.stride(0), d, d_ff, group_size, t_class,
-        FP32_DOT=flags["FP32_DOT"], BLOCK_M=meta.block_m,
+        **flags, BLOCK_M=meta.block_m,
     )
 
 
@@ -194,13 +196,14 @@ def masked_ffn_triton(
         meta: a :class:`StepMeta` already prepared for this step (persistent buffers, e.g. for CUDA
             graphs); None builds one for this call.
         layer: which layer of ``meta`` to use.
-        out: optional ``[T, d]`` output (x's dtype and device, unit column stride); written in full.
+        out: optional ``[T, d]`` output (x's dtype and device, unit column stride, rows that do not
+            overlap: :func:`persona_kernels.ops.output_buffer`); written in full.
         path: ``"decode"``, ``"prefill"`` or None for :func:`choose_path`.
         input_gains: optional ``[P, d]`` per-persona gains multiplying each token as it is loaded
             (:func:`persona_kernels.reference.apply_input_gains`; used in fp32).
 
     Returns:
-        ``out`` (or a new ``[T, d]`` tensor) in x's dtype.
+        ``out``, or a new row-major ``[T, d]`` tensor, in x's dtype.
     """
     if not is_available():
         raise RuntimeError(f"triton backend unavailable: {unavailable_reason()}")
@@ -217,10 +220,7 @@ def masked_ffn_triton(
     path = path or choose_path(T, keep_bits.shape[0])
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
-    if out is None:
-        out = torch.empty_like(x)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or (d > 1 and out.stride(1) != 1):
-        raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} on {x.device} with unit column stride")
+    out = output_buffer(x, out)
     if T == 0:
         return out
     if meta is None:

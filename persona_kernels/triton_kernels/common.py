@@ -66,18 +66,24 @@ def activate(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def gain_tokens(xa, gain, BF16_RNE_BY_HAND: tl.constexpr):
-    """``xa * gain`` in fp32, rounded to nearest even in ``xa``'s dtype (as ``apply_input_gains``).
+def round_to(v, dtype: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
+    """fp32 ``v`` rounded to nearest even in ``dtype`` (as torch and compiled Triton casts round).
 
-    ``BF16_RNE_BY_HAND`` rounds a bf16 result with integer ops: the interpreter truncates fp32 to
-    bf16 casts (Triton 3.7.1), while compiled kernels round to nearest even, as torch does.
+    ``BF16_RNE_BY_HAND`` rounds a bf16 result with integer ops first (other dtypes are left to the
+    cast): the interpreter truncates fp32 to bf16 casts (Triton 3.7.1), which would break the
+    rounding contract only under the tests.
     """
-    prod = xa.to(tl.float32) * gain
-    if BF16_RNE_BY_HAND:
-        bits = prod.to(tl.uint32, bitcast=True)
+    if BF16_RNE_BY_HAND and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        prod = bits.to(tl.float32, bitcast=True)  # exact in bf16 now, so the cast below is too
-    return prod.to(xa.dtype)
+        v = bits.to(tl.float32, bitcast=True)  # exact in bf16 now, so the cast below is too
+    return v.to(dtype)
+
+
+@triton.jit
+def gain_tokens(xa, gain, BF16_RNE_BY_HAND: tl.constexpr):
+    """``xa * gain`` in fp32, rounded to nearest even in ``xa``'s dtype (as ``apply_input_gains``)."""
+    return round_to(xa.to(tl.float32) * gain, xa.dtype, BF16_RNE_BY_HAND)
 
 
 @triton.jit

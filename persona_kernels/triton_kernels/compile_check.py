@@ -142,13 +142,14 @@ def variants(quick: bool = False) -> Iterator[Variant]:
             for split in (True, False):
                 yield from _expand("decode.decode_down_kernel", kernels, dtype,
                                    {"h_ptr": ptr, "down_ptr": ptr, "part_ptr": "*fp32" if split else ptr},
-                                   {"SPLIT": split, "FP32_DOT": fp32_dot, "BLOCK_T": block_t,
-                                    "BLOCK_D": decode.DOWN_BLOCK_D})
+                                   {"SPLIT": split, "FP32_DOT": fp32_dot, "BF16_RNE_BY_HAND": False,
+                                    "BLOCK_T": block_t, "BLOCK_D": decode.DOWN_BLOCK_D})
         yield from _expand("prefill.prefill_down_kernel", kernels, dtype,
                            {"h_ptr": ptr, "down_ptr": ptr, "out_ptr": ptr},
-                           {"FP32_DOT": fp32_dot, "BLOCK_M": launcher.PREFILL_BLOCK_M})
+                           {"FP32_DOT": fp32_dot, "BF16_RNE_BY_HAND": False, "BLOCK_M": launcher.PREFILL_BLOCK_M})
         yield from _expand("decode.reduce_splits_kernel", kernels, dtype,
-                           {"part_ptr": "*fp32", "out_ptr": ptr}, {"BLOCK": launcher.REDUCE_SPLITS_BLOCK})
+                           {"part_ptr": "*fp32", "out_ptr": ptr},
+                           {"BF16_RNE_BY_HAND": False, "BLOCK": launcher.REDUCE_SPLITS_BLOCK})
 
 
 def _expand(name: str, kernels: dict, dtype: str, types: dict[str, str], constexprs: dict) -> Iterator[Variant]:

@@ -3,9 +3,11 @@
 Three launches, each reading its weights once per token block:
 
 1. :func:`decode_gate_up_kernel`: for a chunk of union channels (weights outer) and a block of
-   tokens (tokens inner), ``h[t, j] = keep(p(t), c_j) * scale[p(t), c_j] * act(x[t] . Wg[c_j]) * (x[t] . Wu[c_j])``
-   where ``c_j`` is the ``j``-th kept channel of the union. A token whose persona lacks a group
-   multiplies by its zero bit. ``h`` is ``[T, d_ff]`` in x's dtype, columns past the union unused.
+   tokens (tokens inner), ``h[t, j] = scale[p(t), c_j] * act(x[t] . Wg[c_j]) * (x[t] . Wu[c_j])``
+   where ``c_j`` is the ``j``-th kept channel of the union; where the token's persona lacks
+   ``c_j``'s group, ``h[t, j]`` is selected to be exactly 0, so nothing of that channel (an inf or
+   NaN scale included) reaches the output. ``h`` is ``[T, d_ff]`` in x's dtype, columns past the
+   union unused.
 2. :func:`decode_down_kernel`: split-K over the union channels: program ``(t-block, d-tile, split)``
    accumulates ``h[:, slice] @ down_t[c_slice, d-tile]`` in fp32 and stores the partial
    ``[S, T, d]`` (or, with one split, the final output directly).
@@ -24,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, activate, configs, gain_tokens, mma, time_configs
+from .common import INTERPRET, activate, configs, gain_tokens, mma, round_to, time_configs
 
 DOWN_BLOCK_D = 32 if INTERPRET else 128
 """Output columns per program of the down kernel (fixed: the launcher sizes the split count by it)."""
@@ -94,11 +96,13 @@ def decode_gate_up_kernel(
 
     word = tl.load(bits_ptr + persona[:, None] * n_words + (group >> 5)[None, :])
     kept = ((word >> (group & 31)[None, :]) & 1) != 0
-    h = tl.where(kept, activate(acc_g, ACT) * acc_u, 0.0)
-    if HAS_SCALES:
-        s_ok = t_ok[:, None] & j_ok[None, :]
+    h = activate(acc_g, ACT) * acc_u
+    if HAS_SCALES:  # dropped channels' scales are never read
+        s_ok = kept & t_ok[:, None] & j_ok[None, :]
         h *= tl.load(scales_ptr + persona[:, None].to(tl.int64) * d_ff + channel[None, :], mask=s_ok, other=0.0)
-    tl.store(h_ptr + t_row[:, None] * stride_ht + j[None, :], h.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & j_ok[None, :])
+    h = tl.where(kept, h, 0.0)  # a select, not a product: exactly 0 even where h overflowed
+    tl.store(h_ptr + t_row[:, None] * stride_ht + j[None, :], round_to(h, h_ptr.dtype.element_ty, BF16_RNE_BY_HAND),
+             mask=t_ok[:, None] & j_ok[None, :])
 
 
 @triton.autotune(
@@ -121,7 +125,7 @@ def decode_down_kernel(
     part_ptr,                  # [S, T, d] fp32 partials (SPLIT) or [T, d] output rows (not SPLIT)
     stride_pt,                 # row stride of part_ptr
     T, d, d_ff, G,
-    SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+    SPLIT: tl.constexpr, FP32_DOT: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid ``(cdiv(T, BLOCK_T), cdiv(d, BLOCK_D), S)``; split ``s`` owns an equal slice of union channels."""
@@ -151,7 +155,7 @@ def decode_down_kernel(
     dest = part_ptr + t_row[:, None] * stride_pt + n[None, :]
     if SPLIT:
         dest += pid_s.to(tl.int64) * T * d
-    tl.store(dest, acc.to(part_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+    tl.store(dest, round_to(acc, part_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=t_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -159,7 +163,7 @@ def reduce_splits_kernel(
     part_ptr,                  # [S, T, d] fp32
     out_ptr, stride_ot,        # [T, d] output, unit column stride
     T, d, S,
-    BLOCK: tl.constexpr,
+    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Grid ``(cdiv(T * d, BLOCK),)``: ``out = sum_s part[s]`` in split order, cast to out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -167,4 +171,5 @@ def reduce_splits_kernel(
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, S):
         acc += tl.load(part_ptr + s * T * d + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + (offs // d).to(tl.int64) * stride_ot + offs % d, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + (offs // d).to(tl.int64) * stride_ot + offs % d,
+             round_to(acc, out_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=ok)

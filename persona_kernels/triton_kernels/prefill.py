@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import activate, configs, gain_tokens, mma, time_configs
+from .common import activate, configs, gain_tokens, mma, round_to, time_configs
 
 
 @triton.autotune(
@@ -93,7 +93,7 @@ def prefill_gate_up_kernel(
     if HAS_SCALES:
         h *= tl.load(scales_ptr + persona * d_ff + channel, mask=j_ok, other=0.0)[None, :]
     dest = h_ptr + rows[:, None].to(tl.int64) * stride_ht + j[None, :]
-    tl.store(dest, h.to(h_ptr.dtype.element_ty), mask=r_ok[:, None] & j_ok[None, :])
+    tl.store(dest, round_to(h, h_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=r_ok[:, None] & j_ok[None, :])
 
 
 @triton.autotune(
@@ -117,7 +117,7 @@ def prefill_down_kernel(
     slot_ids_ptr, slot_count_ptr, n_groups,
     out_ptr, stride_ot,        # [T, d] output, unit column stride
     d, d_ff, G, T_CLASS,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid ``(max_tiles, cdiv(d, BLOCK_N))``; a persona that keeps nothing gets zero rows."""
@@ -145,4 +145,4 @@ def prefill_down_kernel(
 
     token = tl.load(token_order_ptr + rows, mask=r_ok, other=0)
     dest = out_ptr + token[:, None].to(tl.int64) * stride_ot + n[None, :]
-    tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+    tl.store(dest, round_to(acc, out_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=r_ok[:, None] & n_ok[None, :])
