@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import output_buffer
+from ..contract import output_buffer
 
 try:
     from .. import _cpu  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..ops import output_buffer
+from ..contract import output_buffer
 
 try:
     from .. import _cuda  # type: ignore[attr-defined]
@@ -80,7 +80,7 @@ def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, a
     Args:
         path: ``"auto"``, ``"decode"`` or ``"prefill"`` (default: ``PERSONA_KERNELS_CUDA_PATH`` or auto).
         out: ``[T, d]`` output of ``x.dtype`` with unit column stride and rows that do not overlap
-            (:func:`persona_kernels.ops.output_buffer`), written in full.
+            (:func:`persona_kernels.contract.output_buffer`), written in full.
         workspace: uint8 device tensor of at least :func:`workspace_bytes` bytes.
 
     Returns:

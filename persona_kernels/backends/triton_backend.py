@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from ..masks import num_words
-from ..ops import output_buffer
+from ..contract import output_buffer
 from ..reference import ACTIVATIONS, apply_input_gains
 from ..step_meta import StepMeta, max_tiles
 
@@ -180,7 +180,7 @@ def masked_ffn_triton(
     path: str | None = None,
     input_gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Masked gated FFN with the Triton kernels (arguments as validated by ``ops.check_masked_ffn_args``).
+    """Masked gated FFN with the Triton kernels (arguments as validated by ``contract.check_masked_ffn_args``).
 
     Semantics: :func:`persona_kernels.reference.masked_ffn_reference`.
 
@@ -197,7 +197,7 @@ def masked_ffn_triton(
             graphs); None builds one for this call.
         layer: which layer of ``meta`` to use.
         out: optional ``[T, d]`` output (x's dtype and device, unit column stride, rows that do not
-            overlap: :func:`persona_kernels.ops.output_buffer`); written in full.
+            overlap: :func:`persona_kernels.contract.output_buffer`); written in full.
         path: ``"decode"``, ``"prefill"`` or None for :func:`choose_path`.
         input_gains: optional ``[P, d]`` per-persona gains multiplying each token as it is loaded
             (:func:`persona_kernels.reference.apply_input_gains`; used in fp32).
