@@ -149,8 +149,8 @@ def masked_ffn(
             (:func:`~persona_kernels.reference.apply_input_gains`): fused into the token loads of
             the cpu and triton kernels, a separate elementwise pass before the cuda kernels.
         output_bias: optional ``[P, d]`` float per-persona bias added to the output
-            (:func:`~persona_kernels.reference.apply_output_bias`): fused into the cpu kernel's store,
-            a separate elementwise pass after the triton and cuda kernels.
+            (:func:`~persona_kernels.reference.apply_output_bias`): fused into the cpu and triton kernels' stores,
+            a separate elementwise pass after the cuda kernels.
 
     Any layout of ``x`` and of the weights is accepted (strided, transposed, offset or broadcast views).
     Rounding of the intermediates: :mod:`persona_kernels.reference`.

@@ -15,8 +15,8 @@ by a zero bit (the kernels never read dropped channels' scales, or select the sa
 Optional per-persona FFN input gains first replace ``x[t]`` by ``x[t] * gain[p(t)]``
 (:func:`apply_input_gains`): the cpu and triton kernels fuse this into their token loads; for the
 cuda backend the dispatcher applies it first. An optional per-persona FFN output bias is added
-last (:func:`apply_output_bias`): the cpu kernel fuses it into its store; for the triton and cuda
-backends the dispatcher applies it after. Scales, gains and bias are float tables (any float
+last (:func:`apply_output_bias`): the cpu and triton kernels fuse it into their output stores; for
+the cuda backend the dispatcher applies it after. Scales, gains and bias are float tables (any float
 dtype), read in float32.
 
 Rounding, which every backend follows (``dtype`` is x's dtype; with float32 nothing rounds):

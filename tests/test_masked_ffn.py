@@ -231,20 +231,34 @@ def test_fused_gains_equal_prescaled_tokens(backend, dtype, T):
         assert not torch.equal(fused, run(inputs, None)), label
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_fused_bias_equals_bias_added_after(dtype):
-    """The cpu kernel adds the bias as it stores, rounding exactly as the reference's separate pass does."""
-    require_backend("cpu")
-    from persona_kernels.backends import cpu_backend
+def _bias_runs(backend: str):
+    """``(label, run(inputs, output_bias))`` for each way ``backend`` fuses the output bias into its store."""
+    if backend == "cpu":
+        from persona_kernels.backends import cpu_backend
 
-    inputs = with_output_bias(make_inputs(13, 40, 96, 16, "mixed_scales", dtype, torch.device("cpu"),
-                                          _seed("fused bias", dtype)), 7)
+        # one thread: with more, the order in which workers' partial sums meet varies between calls
+        return [("cpu", lambda inputs, bias: cpu_backend.masked_ffn(
+            **inputs, group_size=16, activation="silu", output_bias=bias, num_threads=1))]
+    from persona_kernels.backends.triton_backend import masked_ffn_triton
+
+    return [(path, lambda inputs, bias, path=path: masked_ffn_triton(
+        **inputs, group_size=16, output_bias=bias, path=path)) for path in ("decode", "prefill")]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("d_ff", [96, 512])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_bias_equals_bias_added_after(backend, dtype, d_ff):
+    """A kernel that adds the bias as it stores rounds exactly as the reference's separate pass does
+    (triton decode at d_ff=512 adds it in the split-K reduction, at 96 in the down kernel's store)."""
+    require_backend(backend)
+    inputs = with_output_bias(make_inputs(13, 40, d_ff, 16, "mixed_scales", dtype, device_for(backend),
+                                          _seed("fused bias", dtype, d_ff)), 7)
     bias = inputs.pop("output_bias")
-    # one thread: with more, the order in which workers' partial sums meet varies between calls
-    fused = cpu_backend.masked_ffn(**inputs, group_size=16, activation="silu", output_bias=bias, num_threads=1)
-    plain = cpu_backend.masked_ffn(**inputs, group_size=16, activation="silu", num_threads=1)
-    assert torch.equal(fused, apply_output_bias(plain, bias, inputs["persona_ids"]))
-    assert not torch.equal(fused, plain)
+    for label, run in _bias_runs(backend):
+        fused, plain = run(inputs, bias), run(inputs, None)
+        assert torch.equal(fused, apply_output_bias(plain, bias, inputs["persona_ids"])), label
+        assert not torch.equal(fused, plain), label
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

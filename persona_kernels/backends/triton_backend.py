@@ -31,6 +31,7 @@ except ImportError as error:  # triton missing or incompatible
     _IMPORT_ERROR = str(error)
 
 FUSES_INPUT_GAINS = True  # the backend applies the gains itself (in the kernels, or one pre-pass for large decode blocks)
+FUSES_OUTPUT_BIAS = True  # and adds the output bias as the output is stored (down kernel or split reduction)
 
 PATHS = ("decode", "prefill")
 DECODE_MAX_TOKENS = 64
@@ -103,7 +104,7 @@ def _precision_flags(dtype: torch.dtype) -> dict[str, bool]:
     return {"FP32_DOT": dtype == torch.float32 or interpreted_bf16, "BF16_RNE_BY_HAND": interpreted_bf16}
 
 
-def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, layer, out) -> None:
+def _run_decode(x, gate_up, down_t, bits, scales, gains, bias, group_size, act, meta, layer, out) -> None:
     T, d = x.shape
     d_ff = gate_up.shape[0]
     flags = _precision_flags(x.dtype)
@@ -124,23 +125,25 @@ def _run_decode(x, gate_up, down_t, bits, scales, gains, group_size, act, meta, 
     splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks * d_tiles), triton.cdiv(d_ff, 256)))
     common = dict(**flags, BLOCK_T=block_t, BLOCK_D=decode.DOWN_BLOCK_D)
     grid = (t_blocks, d_tiles, splits)
+    bias_arg = bias if bias is not None else bits
     if splits == 1:
         decode.decode_down_kernel[grid](
-            h, h.stride(0), down_t, union_ids, union_count, out, out.stride(0), T, d, d_ff, group_size,
-            SPLIT=False, **common,
+            h, h.stride(0), down_t, union_ids, union_count, out, out.stride(0), meta.token_ids, bias_arg,
+            T, d, d_ff, group_size, SPLIT=False, HAS_BIAS=bias is not None, **common,
         )
         return
     part = torch.empty(splits, T, d, dtype=torch.float32, device=x.device)
     decode.decode_down_kernel[grid](
-        h, h.stride(0), down_t, union_ids, union_count, part, d, T, d, d_ff, group_size,
-        SPLIT=True, **common,
+        h, h.stride(0), down_t, union_ids, union_count, part, d, meta.token_ids, bits, T, d, d_ff, group_size,
+        SPLIT=True, HAS_BIAS=False, **common,
     )
     decode.reduce_splits_kernel[(triton.cdiv(T * d, REDUCE_SPLITS_BLOCK),)](
-        part, out, out.stride(0), T, d, splits, BF16_RNE_BY_HAND=flags["BF16_RNE_BY_HAND"], BLOCK=REDUCE_SPLITS_BLOCK,
+        part, out, out.stride(0), meta.token_ids, bias_arg, T, d, splits, HAS_BIAS=bias is not None,
+        BF16_RNE_BY_HAND=flags["BF16_RNE_BY_HAND"], BLOCK=REDUCE_SPLITS_BLOCK,
     )
 
 
-def _run_prefill(x, gate_up, down_t, scales, gains, group_size, act, meta, layer, out) -> None:
+def _run_prefill(x, gate_up, down_t, scales, gains, bias, group_size, act, meta, layer, out) -> None:
     T, d = x.shape
     d_ff = gate_up.shape[0]
     flags = _precision_flags(x.dtype)
@@ -157,10 +160,10 @@ def _run_prefill(x, gate_up, down_t, scales, gains, group_size, act, meta, layer
         **flags, BLOCK_M=meta.block_m,
     )
     prefill.prefill_down_kernel[lambda m: (tiles, triton.cdiv(d, m["BLOCK_N"]))](
-        h, h.stride(0), down_t, meta.token_order, meta.slot_start,
+        h, h.stride(0), down_t, meta.token_order, meta.slot_persona, meta.slot_start,
         meta.tile_slot, meta.tile_start, meta.n_tiles, slot_ids, slot_count, meta.n_groups,
-        out, out.stride(0), d, d_ff, group_size, t_class,
-        **flags, BLOCK_M=meta.block_m,
+        bias if bias is not None else slot_count, out, out.stride(0), d, d_ff, group_size, t_class,
+        HAS_BIAS=bias is not None, **flags, BLOCK_M=meta.block_m,
     )
 
 
@@ -179,6 +182,7 @@ def masked_ffn_triton(
     out: torch.Tensor | None = None,
     path: str | None = None,
     input_gains: torch.Tensor | None = None,
+    output_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked gated FFN with the Triton kernels (arguments as validated by ``contract.check_masked_ffn_args``).
 
@@ -201,6 +205,8 @@ def masked_ffn_triton(
         path: ``"decode"``, ``"prefill"`` or None for :func:`choose_path`.
         input_gains: optional ``[P, d]`` per-persona gains multiplying each token as it is loaded
             (:func:`persona_kernels.reference.apply_input_gains`; used in fp32).
+        output_bias: optional ``[P, d]`` per-persona bias added as the output is stored
+            (:func:`persona_kernels.reference.apply_output_bias`; used in fp32).
 
     Returns:
         ``out``, or a new row-major ``[T, d]`` tensor, in x's dtype.
@@ -238,17 +244,24 @@ def masked_ffn_triton(
     gate_up, down_t, bits = gate_up.contiguous(), down_t.contiguous(), keep_bits.contiguous()
     if scales is not None:
         scales = scales.to(torch.float32).contiguous()
-    if input_gains is not None:
-        if tuple(input_gains.shape) != (keep_bits.shape[0], d):
-            raise ValueError(f"input_gains must be [{keep_bits.shape[0]}, {d}], got {tuple(input_gains.shape)}")
-        input_gains = input_gains.to(torch.float32).contiguous()
+    input_gains, output_bias = (_persona_vectors(name, table, keep_bits.shape[0], d)
+                                for name, table in (("input_gains", input_gains), ("output_bias", output_bias)))
     act = ACTIVATION_CODES[activation]
     with _on_device(x.device):  # Triton launches on the current device, whatever the tensors' device
         if path == "decode":
-            _run_decode(x, gate_up, down_t, bits, scales, input_gains, group_size, act, meta, layer, out)
+            _run_decode(x, gate_up, down_t, bits, scales, input_gains, output_bias, group_size, act, meta, layer, out)
         else:
-            _run_prefill(x, gate_up, down_t, scales, input_gains, group_size, act, meta, layer, out)
+            _run_prefill(x, gate_up, down_t, scales, input_gains, output_bias, group_size, act, meta, layer, out)
     return out
+
+
+def _persona_vectors(name: str, table: torch.Tensor | None, n_personas: int, d: int) -> torch.Tensor | None:
+    """A ``[P, d]`` per-persona table (input gains, output bias) as the kernels read it: fp32, contiguous."""
+    if table is None:
+        return None
+    if tuple(table.shape) != (n_personas, d):
+        raise ValueError(f"{name} must be [{n_personas}, {d}], got {tuple(table.shape)}")
+    return table.to(torch.float32).contiguous()
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -259,7 +272,7 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def masked_ffn(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size, activation, *,
-               input_gains=None) -> torch.Tensor:
+               input_gains=None, output_bias=None) -> torch.Tensor:
     """Backend contract of :mod:`persona_kernels.ops`: a new output, path chosen by :func:`choose_path`."""
     return masked_ffn_triton(x, gate_up, down_t, persona_ids, keep_bits, scales, group_size=group_size,
-                             activation=activation, input_gains=input_gains)
+                             activation=activation, input_gains=input_gains, output_bias=output_bias)

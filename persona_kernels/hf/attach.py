@@ -51,7 +51,6 @@ from ..bank import DENSE_PERSONA_ID, DENSE_PERSONA_NAME, MaskBank, MaskBankError
 from ..fingerprint import ffn_fingerprint, ffn_weight_sample
 from ..layout import PackedFFN, pack_ffn, unpack_ffn
 from ..ops import masked_ffn, resolve_backend
-from ..reference import apply_output_bias
 from ..step_meta import StepMeta
 
 _ATTR = "_persona_kernels_attachment"
@@ -386,10 +385,8 @@ class MaskedMLP(nn.Module):
             out = _masked_ffn_triton(
                 tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,
                 group_size=self.group_size, activation=self.activation, meta=state.meta, layer=self.layer_index,
-                input_gains=self.input_gains,
+                input_gains=self.input_gains, output_bias=self.output_bias,
             )
-            if self.output_bias is not None:
-                out = apply_output_bias(out, self.output_bias, ids)
         else:
             out = masked_ffn(
                 tokens, self.gate_up, self.down_t, ids, self.keep_bits, self.scales,

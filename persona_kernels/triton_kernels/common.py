@@ -81,6 +81,16 @@ def round_to(v, dtype: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
 
 
 @triton.jit
+def output_value(acc, bias, dtype: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
+    """The output in ``dtype`` from the fp32 down-projection sum ``acc``: rounded once; with
+    ``HAS_BIAS``, plus the fp32 ``bias`` and rounded again (as ``reference.apply_output_bias``)."""
+    y = round_to(acc, dtype, BF16_RNE_BY_HAND)
+    if HAS_BIAS:
+        y = round_to(y.to(tl.float32) + bias, dtype, BF16_RNE_BY_HAND)
+    return y
+
+
+@triton.jit
 def gain_tokens(xa, gain, BF16_RNE_BY_HAND: tl.constexpr):
     """``xa * gain`` in fp32, rounded to nearest even in ``xa``'s dtype (as ``apply_input_gains``)."""
     return round_to(xa.to(tl.float32) * gain, xa.dtype, BF16_RNE_BY_HAND)

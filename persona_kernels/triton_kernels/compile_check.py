@@ -138,18 +138,22 @@ def variants(quick: bool = False) -> Iterator[Variant]:
             if not quick:  # GELU, and one token (Triton turns an int argument equal to 1 into a constant)
                 yield from _expand("decode.decode_gate_up_kernel", kernels, dtype, {**activations, **extras},
                                    {**launch, "ACT": 1, "BLOCK_T": 16, "T": 1})
-        for block_t in block_ts:
-            for split in (True, False):
+        for block_t in block_ts:  # the bias is added by the unsplit down kernel or by the split reduction
+            for split, has_bias in ((True, False), (False, False), (False, True)):
                 yield from _expand("decode.decode_down_kernel", kernels, dtype,
-                                   {"h_ptr": ptr, "down_ptr": ptr, "part_ptr": "*fp32" if split else ptr},
-                                   {"SPLIT": split, "FP32_DOT": fp32_dot, "BF16_RNE_BY_HAND": False,
+                                   {"h_ptr": ptr, "down_ptr": ptr, "part_ptr": "*fp32" if split else ptr,
+                                    **({"bias_ptr": "*fp32"} if has_bias else {})},
+                                   {"SPLIT": split, "HAS_BIAS": has_bias, "FP32_DOT": fp32_dot, "BF16_RNE_BY_HAND": False,
                                     "BLOCK_T": block_t, "BLOCK_D": decode.DOWN_BLOCK_D})
-        yield from _expand("prefill.prefill_down_kernel", kernels, dtype,
-                           {"h_ptr": ptr, "down_ptr": ptr, "out_ptr": ptr},
-                           {"FP32_DOT": fp32_dot, "BF16_RNE_BY_HAND": False, "BLOCK_M": launcher.PREFILL_BLOCK_M})
-        yield from _expand("decode.reduce_splits_kernel", kernels, dtype,
-                           {"part_ptr": "*fp32", "out_ptr": ptr},
-                           {"BF16_RNE_BY_HAND": False, "BLOCK": launcher.REDUCE_SPLITS_BLOCK})
+        for has_bias in (False, True):
+            bias_type = {"bias_ptr": "*fp32"} if has_bias else {}
+            yield from _expand("prefill.prefill_down_kernel", kernels, dtype,
+                               {"h_ptr": ptr, "down_ptr": ptr, "out_ptr": ptr, **bias_type},
+                               {"HAS_BIAS": has_bias, "FP32_DOT": fp32_dot, "BF16_RNE_BY_HAND": False,
+                                "BLOCK_M": launcher.PREFILL_BLOCK_M})
+            yield from _expand("decode.reduce_splits_kernel", kernels, dtype,
+                               {"part_ptr": "*fp32", "out_ptr": ptr, **bias_type},
+                               {"HAS_BIAS": has_bias, "BF16_RNE_BY_HAND": False, "BLOCK": launcher.REDUCE_SPLITS_BLOCK})
 
 
 def _expand(name: str, kernels: dict, dtype: str, types: dict[str, str], constexprs: dict) -> Iterator[Variant]:

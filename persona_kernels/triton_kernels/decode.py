@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, activate, configs, gain_tokens, mma, round_to, time_configs
+from .common import INTERPRET, activate, configs, gain_tokens, mma, output_value, round_to, time_configs
 
 DOWN_BLOCK_D = 32 if INTERPRET else 128
 """Output columns per program of the down kernel (fixed: the launcher sizes the split count by it)."""
@@ -124,11 +124,15 @@ def decode_down_kernel(
     union_ids_ptr, union_count_ptr,
     part_ptr,                  # [S, T, d] fp32 partials (SPLIT) or [T, d] output rows (not SPLIT)
     stride_pt,                 # row stride of part_ptr
+    token_ids_ptr,             # [T] int32 persona of each token (read with HAS_BIAS)
+    bias_ptr,                  # [P, d] fp32 output bias (unused without HAS_BIAS)
     T, d, d_ff, G,
-    SPLIT: tl.constexpr, FP32_DOT: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid ``(cdiv(T, BLOCK_T), cdiv(d, BLOCK_D), S)``; split ``s`` owns an equal slice of union channels."""
+    """Grid ``(cdiv(T, BLOCK_T), cdiv(d, BLOCK_D), S)``; split ``s`` owns an equal slice of union channels.
+    Without ``SPLIT`` the rows are the output, the bias (``HAS_BIAS``) added as they are stored; with it
+    ``reduce_splits_kernel`` adds it."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -153,23 +157,38 @@ def decode_down_kernel(
         acc = mma(hv, w, acc, FP32_DOT)
 
     dest = part_ptr + t_row[:, None] * stride_pt + n[None, :]
+    store_ok = t_ok[:, None] & n_ok[None, :]
     if SPLIT:
         dest += pid_s.to(tl.int64) * T * d
-    tl.store(dest, round_to(acc, part_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=t_ok[:, None] & n_ok[None, :])
+        tl.store(dest, acc, mask=store_ok)  # fp32 partials
+    else:
+        bias = 0.0
+        if HAS_BIAS:
+            persona = tl.load(token_ids_ptr + t, mask=t_ok, other=0)
+            bias = tl.load(bias_ptr + persona[:, None].to(tl.int64) * d + n[None, :], mask=store_ok, other=0.0)
+        tl.store(dest, output_value(acc, bias, part_ptr.dtype.element_ty, HAS_BIAS, BF16_RNE_BY_HAND), mask=store_ok)
 
 
 @triton.jit
 def reduce_splits_kernel(
     part_ptr,                  # [S, T, d] fp32
     out_ptr, stride_ot,        # [T, d] output, unit column stride
+    token_ids_ptr,             # [T] int32 persona of each token (read with HAS_BIAS)
+    bias_ptr,                  # [P, d] fp32 output bias (unused without HAS_BIAS)
     T, d, S,
-    BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid ``(cdiv(T * d, BLOCK),)``: ``out = sum_s part[s]`` in split order, cast to out's dtype."""
+    """Grid ``(cdiv(T * d, BLOCK),)``: ``out = sum_s part[s]`` in split order, cast to out's dtype
+    (plus the token's persona's output bias with ``HAS_BIAS``)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < T * d
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, S):
         acc += tl.load(part_ptr + s * T * d + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + (offs // d).to(tl.int64) * stride_ot + offs % d,
-             round_to(acc, out_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=ok)
+    row, col = offs // d, offs % d
+    bias = 0.0
+    if HAS_BIAS:
+        persona = tl.load(token_ids_ptr + row, mask=ok, other=0)
+        bias = tl.load(bias_ptr + persona.to(tl.int64) * d + col, mask=ok, other=0.0)
+    tl.store(out_ptr + row.to(tl.int64) * stride_ot + col,
+             output_value(acc, bias, out_ptr.dtype.element_ty, HAS_BIAS, BF16_RNE_BY_HAND), mask=ok)

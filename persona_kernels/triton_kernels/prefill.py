@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import activate, configs, gain_tokens, mma, round_to, time_configs
+from .common import activate, configs, gain_tokens, mma, output_value, round_to, time_configs
 
 
 @triton.autotune(
@@ -112,15 +112,17 @@ def prefill_gate_up_kernel(
 def prefill_down_kernel(
     h_ptr, stride_ht,          # [T, >= d_ff] from prefill_gate_up_kernel
     down_ptr,                  # [d_ff, d] contiguous
-    token_order_ptr, slot_start_ptr,
+    token_order_ptr, slot_persona_ptr, slot_start_ptr,
     tile_slot_ptr, tile_start_ptr, n_tiles_ptr,
     slot_ids_ptr, slot_count_ptr, n_groups,
+    bias_ptr,                  # [P, d] fp32 output bias (unused without HAS_BIAS)
     out_ptr, stride_ot,        # [T, d] output, unit column stride
     d, d_ff, G, T_CLASS,
-    FP32_DOT: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid ``(max_tiles, cdiv(d, BLOCK_N))``; a persona that keeps nothing gets zero rows."""
+    """Grid ``(max_tiles, cdiv(d, BLOCK_N))``; a persona that keeps nothing gets zero rows (plus its
+    output bias with ``HAS_BIAS``, added as the rows are stored)."""
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     if tile >= tl.load(n_tiles_ptr):
@@ -145,4 +147,9 @@ def prefill_down_kernel(
 
     token = tl.load(token_order_ptr + rows, mask=r_ok, other=0)
     dest = out_ptr + token[:, None].to(tl.int64) * stride_ot + n[None, :]
-    tl.store(dest, round_to(acc, out_ptr.dtype.element_ty, BF16_RNE_BY_HAND), mask=r_ok[:, None] & n_ok[None, :])
+    bias = 0.0
+    if HAS_BIAS:
+        persona = tl.load(slot_persona_ptr + slot).to(tl.int64)
+        bias = tl.load(bias_ptr + persona * d + n, mask=n_ok, other=0.0)[None, :]
+    tl.store(dest, output_value(acc, bias, out_ptr.dtype.element_ty, HAS_BIAS, BF16_RNE_BY_HAND),
+             mask=r_ok[:, None] & n_ok[None, :])
