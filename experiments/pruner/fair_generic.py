@@ -8,7 +8,7 @@ reproduced; any other weight adds ``<persona>@generic-learned+kl`` (weight 1; ``
 ``(CE)`` for 0) for every persona of a copy of the bank (the mask does not depend on the persona). Used for docs/PRUNER.md ("A generic baseline with the
 persona mask's loss"):
 
-    python docs/pruner/fair_generic.py --bank docs/eval/pruner/pruner-s0.25.safetensors \
+    python experiments/pruner/fair_generic.py --bank docs/eval/pruner/pruner-s0.25.safetensors \
         --bank-out /tmp/fair/pruner-s0.25-fair.safetensors --cache /tmp/fair/cache --kl-weights 0,1
 """
 import argparse

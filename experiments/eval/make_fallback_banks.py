@@ -11,7 +11,7 @@ For each persona and sparsity, at group size 16 (the pruner's default):
 
 Every layer keeps the same number of groups. Usage::
 
-    python docs/eval/make_fallback_banks.py --personas jack_torrance,blair_waldorf --out out/eval-banks
+    python experiments/eval/make_fallback_banks.py --personas jack_torrance,blair_waldorf --out out/eval-banks
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
         mag_keep = torch.zeros(n_layers, n_groups, dtype=torch.bool).scatter_(1, torch.topk(magnitude, k, dim=1).indices, True)
         for pid, stats in persona_stats.items():
             desc = records[pid]["description"]
-            report = {"target_sparsity": s, "builder": "docs/eval/make_fallback_banks.py"}
+            report = {"target_sparsity": s, "builder": "experiments/eval/make_fallback_banks.py"}
             bank.add(PersonaMask(pid, keep_top_groups(stats, G, s), desc, "heuristic-activation", None, report))
             bank.add(PersonaMask(f"{pid}@wanda", keep_top_groups(generic, G, s), desc, "wanda-generic", None, report))
             bank.add(PersonaMask(f"{pid}@magnitude", mag_keep.clone(), desc, "magnitude", None, report))

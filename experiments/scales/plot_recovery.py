@@ -3,7 +3,7 @@
 One panel per (persona, sparsity) found in ``--runs`` (lever.py's JSON rows), one line per variant, a
 dashed line at 60% of the mask's KL (the 40% target). Used for docs/SCALES.md:
 
-    python docs/scales/plot_recovery.py --runs docs/scales/recovery_runs.jsonl --out docs/scales/recovery.png
+    python experiments/scales/plot_recovery.py --runs docs/scales/recovery_runs.jsonl --out docs/scales/recovery.png
 """
 import argparse
 import json

@@ -1,7 +1,7 @@
 """Exploratory (not part of the package): at one sparsity, does a bigger mask budget, or learning the mask
 and the scales together, change what scales recover? Used for docs/SCALES.md:
 
-    python docs/scales/joint.py --persona twilight_sparkle --sparsity 0.25 --cache-dir /tmp/scache \
+    python experiments/scales/joint.py --persona twilight_sparkle --sparsity 0.25 --cache-dir /tmp/scache \
         --eval-cache /tmp/ss_combo/cache/eval_answers.jsonl
 
 Prints and appends to ``--out``: eval KL of the importance-initialised mask, of the mask learned for
@@ -28,7 +28,7 @@ add_run_arguments(p)
 p.add_argument("--out", default="/tmp/joint.jsonl")
 a = p.parse_args()
 G = 16
-model, pruner, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache, a.sparsity, n_eval=a.n_eval)
+model, pruner, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache, a.sparsity, n_eval=a.n_eval, data_dir=a.data_dir)
 init = scores_from_importance(activation_importance(collect_stats(model, data.prefix, data.batches(8), False), model, G))
 k, n_groups, out = pruner.k, init.shape[1], {}
 

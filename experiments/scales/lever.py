@@ -10,7 +10,7 @@ FFN weights themselves (``finetune``: a private copy of the FFN per persona; ``f
 weight; the teacher is then a frozen copy of the dense model). Every 10 steps it records KL on the persona's ``--n-eval`` eval questions and on the last ``--holdout`` calibration
 sequences (not trained on). Appends one JSON row to ``--out``. Used for docs/SCALES.md, e.g.:
 
-    python docs/scales/lever.py --persona twilight_sparkle --bank bank_s0.25+kl.safetensors --variant scales+gain \
+    python experiments/scales/lever.py --persona twilight_sparkle --bank bank_s0.25+kl.safetensors --variant scales+gain \
         --holdout 32 --cache-dir /tmp/scache --eval-cache /tmp/ss_combo/cache/eval_answers.jsonl
 """
 import argparse
@@ -50,7 +50,7 @@ p.add_argument("--out", default="/tmp/lever_runs.jsonl")
 a = p.parse_args()
 bank = MaskBank.load(a.bank)
 mask, G = bank.get(a.persona), bank.group_size
-model, _, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache, n_eval=a.n_eval)
+model, _, data, fidelity = persona_run(a.persona, G, a.cache_dir, a.eval_cache, n_eval=a.n_eval, data_dir=a.data_dir)
 layers = find_ffn_layers(model)
 channel = expand_groups(mask.keep.float(), G)
 L, d_ff = channel.shape

@@ -8,7 +8,7 @@ the scales (and input gains and output bias) its bank entry carries and without 
 Appends one JSON row per (persona, sparsity, method) to ``--out`` (skipping rows already there) and
 writes and prints ``table.md`` beside it (``--methods`` limits the methods). Used for docs/PRUNER.md ("All 40 eval questions"):
 
-    python docs/pruner/rescore.py --banks docs/eval/pruner/pruner-s0.25.safetensors \
+    python experiments/pruner/rescore.py --banks docs/eval/pruner/pruner-s0.25.safetensors \
         --personas <all 14> --n-eval 40 --methods "persona,persona (no scales),generic-learned" \
         --out /tmp/rescore/results.jsonl
 """
@@ -31,6 +31,7 @@ p.add_argument("--n-eval", type=int, default=40)
 p.add_argument("--eval-tokens", type=int, default=32)
 p.add_argument("--methods", default="", help="comma-separated methods to measure (default: all in the bank)")
 p.add_argument("--out", default="/tmp/rescore/results.jsonl")
+p.add_argument("--data-dir", default=str(SHARED), help=f"persona descriptions and eval questions (default {SHARED})")
 a = p.parse_args()
 torch.set_num_threads(1)
 out = Path(a.out)
@@ -42,8 +43,8 @@ model, tokenizer = load_default_model()
 fingerprint = model_fingerprint(model)
 cache = JsonlCache(out.parent / "eval_answers.jsonl")
 wanted = set(a.methods.split(",")) if a.methods else None
-settings = argparse.Namespace(data_dir=str(SHARED), n_eval=a.n_eval, eval_tokens=a.eval_tokens)
-for row in load_personas(SHARED / "personas" / "personas.jsonl", a.personas.split(",")):
+settings = argparse.Namespace(data_dir=a.data_dir, n_eval=a.n_eval, eval_tokens=a.eval_tokens)
+for row in load_personas(Path(a.data_dir) / "personas" / "personas.jsonl", a.personas.split(",")):
     pid = row["id"]
     fidelity = None
     for bank in banks:
