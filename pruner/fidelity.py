@@ -50,6 +50,23 @@ class FidelityEval:
         top1 = torch.cat([(d.argmax(-1) == o.argmax(-1)).float() for d, o in zip(self.dense, logits)])
         return {"kl": float(kl.mean()), "top1": float(top1.mean()), "tokens": int(kl.numel())}
 
+    def per_question(self, logits: list[torch.Tensor]) -> dict[str, list[float]]:
+        """``{"kl": [...], "top1": [...]}``: each question's mean over its answer tokens (question order), for
+        paired comparisons of two masks over the same questions."""
+        kl = torch.cat([kl_divergence(d, o) for d, o in zip(self.dense, logits)])
+        top1 = torch.cat([(d.argmax(-1) == o.argmax(-1)).float() for d, o in zip(self.dense, logits)])
+        lengths = [int(n) for batch in self.data.batches(self.batch_size) for n in (batch.targets != -100).sum(1)]
+        if sum(lengths) != kl.numel():
+            raise RuntimeError(f"answer tokens per question sum to {sum(lengths)}, the logits hold {kl.numel()}")
+        return {"kl": [float(v.mean()) for v in kl.split(lengths)], "top1": [float(v.mean()) for v in top1.split(lengths)]}
+
+    def measure_questions(self, keep: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
+                          input_gains: torch.Tensor | None = None, output_bias: torch.Tensor | None = None) -> dict:
+        """:meth:`measure` plus each question's KL and top-1 (``question_kl``, ``question_top1``)."""
+        logits = self._logits(fixed_mask(self.model, keep, group_size, scales, input_gains, output_bias))
+        questions = self.per_question(logits)
+        return {**self.compare(logits), "question_kl": questions["kl"], "question_top1": questions["top1"]}
+
     def measure(self, keep: torch.Tensor, group_size: int, scales: torch.Tensor | None = None,
                 input_gains: torch.Tensor | None = None, output_bias: torch.Tensor | None = None) -> dict[str, float]:
         """Fidelity of a mask (with optional scales, FFN input gains and output bias) applied through the pruner's hooks."""

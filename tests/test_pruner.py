@@ -294,6 +294,21 @@ def test_fidelity_dense_is_exact_and_random_is_not(model, tokenizer):
     assert fidelity.measure(random, GROUP)["kl"] > 1e-7
 
 
+def test_fidelity_per_question_means_recombine_to_the_token_mean(model, tokenizer):
+    """Each question's KL is the mean over its own answer tokens: weighted by token counts they give the
+    headline KL, and a question's value changes only with its own answer (batches of 2 split the 3 questions)."""
+    questions = ["who are you?", "what do you fear most of all, captain?", "tell me about the sea."]
+    fidelity = FidelityEval(model, tokenizer, DESCRIPTION, questions, max_new_tokens=5, batch_size=2)
+    random = bl.random_mask(LAYERS, D_FF // GROUP, D_FF // GROUP // 2, seed=3)
+    score = fidelity.measure_questions(random, GROUP)
+    lengths = [len(a) for a in fidelity.data.answers]
+    assert len(score["question_kl"]) == len(score["question_top1"]) == 3
+    weighted = sum(k * n for k, n in zip(score["question_kl"], lengths)) / sum(lengths)
+    assert abs(weighted - score["kl"]) < 1e-5 * score["kl"] and min(score["question_kl"]) > 0
+    alone = FidelityEval(model, tokenizer, DESCRIPTION, questions[2:], max_new_tokens=5).measure_questions(random, GROUP)
+    assert abs(alone["question_kl"][0] - score["question_kl"][2]) < 1e-4 * score["question_kl"][2]
+
+
 def test_fidelity_attached_bank_agrees_with_hooks(tokenizer):
     from persona_kernels.hf.ffn import model_fingerprint
 

@@ -5,7 +5,8 @@ docs/PRUNER.md's acceptance tables score every mask on 8 eval questions per pers
 first ``--n-eval`` questions of ``eval/<persona>.jsonl`` (half of each split; 40 = all of them), with
 the same teacher-forced KL(dense || masked) and top-1 agreement. The persona mask is measured with
 the scales (and input gains and output bias) its bank entry carries and without any; baselines as stored (no scales), as in PRUNER.md.
-Appends one JSON row per (persona, sparsity, method) to ``--out`` (skipping rows already there) and
+Appends one JSON row per (persona, sparsity, method) to ``--out`` (skipping rows already there; each row
+also holds every question's KL and top-1, for the paired comparisons of ``fair_report.py``) and
 writes and prints ``table.md`` beside it (``--methods`` limits the methods). Used for docs/PRUNER.md ("All 40 eval questions"):
 
     python experiments/pruner/rescore.py --banks docs/eval/pruner/pruner-s0.25.safetensors \
@@ -61,7 +62,7 @@ for row in load_personas(Path(a.data_dir) / "personas" / "personas.jsonl", a.per
                 continue
             if fidelity is None:
                 fidelity = persona_fidelity(model, tokenizer, pid, row["description"], settings, cache, fingerprint)
-            score = fidelity.measure(keep, bank.group_size, *recovery)
+            score = fidelity.measure_questions(keep, bank.group_size, *recovery)
             result = {"persona": pid, "sparsity": sparsity, "method": method, "n_eval": a.n_eval, **score}
             rows.append(result)
             with open(out, "a") as stream:
