@@ -116,6 +116,7 @@ def test_sandbox_time_limit_and_no_network():
     assert net.status == "failed"
 
 
+@pytest.mark.skipif(not _installed("jsonschema"), reason="needs jsonschema")
 def test_json_schema_valid_invalid_unparseable():
     item = json_schema.make_task(3)  # a review: title, rating, recommend required
     schema = item.data["schema"]
