@@ -81,6 +81,8 @@ def test_subset_is_seeded_and_ordered():
     assert a == b and a == sorted(a) and len(set(a)) == 10
     assert subset(items, 10, seed=4) != a
     assert subset(items, None) == items and subset(items, 500) == items
+    for n in (299, 1838, 14042):  # a smaller subset is part of a larger one: runs can grow, reusing their caches
+        assert set(subset(range(n), 50, seed=0)) <= set(subset(range(n), 200, seed=0))
 
 
 # ---------------------------------------------------------------- generative scorers

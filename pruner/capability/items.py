@@ -42,8 +42,15 @@ Item = TypeVar("Item", MCItem, GenItem)
 
 
 def subset(items: Sequence[Item], n: int | None, seed: int = 0) -> list[Item]:
-    """``n`` items drawn without replacement with ``random.Random(seed)``, kept in their original order (all if ``n`` is None)."""
+    """``n`` items drawn without replacement with ``random.Random(seed)``, kept in their original order (all if ``n`` is None).
+
+    Indices are drawn one after another (a repeat is drawn again), so with the same seed a smaller
+    subset is part of a larger one: a run can grow and keep its caches.
+    """
     if n is None or n >= len(items):
         return list(items)
-    chosen = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in chosen]
+    rng = random.Random(seed)
+    chosen: dict[int, None] = {}
+    while len(chosen) < n:
+        chosen.setdefault(rng.randrange(len(items)), None)
+    return [items[i] for i in sorted(chosen)]
