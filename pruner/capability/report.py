@@ -84,9 +84,14 @@ def markdown(summary: Mapping, meta: Mapping) -> str:
     lines += ["", "Score: mean of the suite's per-item metric (higher is better) with a 95% bootstrap interval. "
               "Drop: dense minus method on the same items, paired bootstrap interval (positive = worse than dense). "
               "`persona` is the mask alone; `persona+recovery` adds the entry's scales, input gains and output bias.", ""]
+    missing = [name for name, per_suite in summary.items() if not per_suite.get(ALL)]
+    if missing:
+        lines += [f"Not run (no saved items): {', '.join(missing)}.", ""]
     for name, per_suite in summary.items():
         suite = get_suite(name)
         rows = per_suite.get(ALL, {})
+        if not rows:
+            continue
         lines += [f"## {suite.title}", "", f"Source: {suite.source}. Pooled over {len(meta['personas'])} persona(s).", ""]
         header = ["method", "n", "score [95% CI]", "drop from dense [95% CI]"] + list(suite.extra)
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
