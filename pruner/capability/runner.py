@@ -328,7 +328,7 @@ def evaluate_capability(settings: CapabilitySettings, model=None, tokenizer=None
         suite = get_suite(name)
         items = suite_items(suite, settings.items.get(name), settings.seed)
         item_counts[name] = len(items)
-        run_path.write_text(json.dumps(meta | {"items": item_counts}, indent=2) + "\n")
+        run_path.write_text(json.dumps(meta | {"items": item_counts, "timings_s": timings}, indent=2) + "\n")
         jobs: list[_Job] = []
         for persona in personas:
             record = records[persona]
