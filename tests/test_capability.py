@@ -37,6 +37,7 @@ def test_score_mc_correct_and_incorrect_and_normalisations():
     row = score_mc(item, [-2.0, -3.0], [1, 4])
     assert (row["acc"], row["acc_raw"], row["acc_token"]) == (1.0, 0.0, 1.0)
     assert (row["pred"], row["pred_raw"]) == (1, 0)
+    assert row["gold_lpc"] == pytest.approx(-3.0 / len(" much longer answer"))
     wrong = score_mc(item, [-1.0, -30.0], [1, 4])
     assert wrong["acc"] == 0.0 and wrong["acc_raw"] == 0.0
     with pytest.raises(ValueError):

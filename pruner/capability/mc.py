@@ -95,6 +95,8 @@ def score_mc(item: MCItem, lls: Sequence[float], n_tokens: Sequence[int]) -> dic
     """Accuracy of an item three ways: raw log-likelihood, per token and per character (OLMES' ``acc_per_char``).
 
     ``acc`` (the suite's primary score) is the per-character one. Ties go to the first choice.
+    ``gold_lpc`` is the right answer's log-likelihood per character: a continuous score that still
+    moves when a near-chance model's accuracy cannot.
     """
     if len(lls) != len(item.choices) or len(n_tokens) != len(item.choices):
         raise ValueError(f"{item.id}: {len(item.choices)} choices but {len(lls)} log-likelihoods")
@@ -112,4 +114,5 @@ def score_mc(item: MCItem, lls: Sequence[float], n_tokens: Sequence[int]) -> dic
         "pred": preds["char"],
         "pred_raw": preds["raw"],
         "pred_token": preds["token"],
+        "gold_lpc": per_char[item.gold],
     }

