@@ -73,8 +73,8 @@ def markdown(records: list[dict]) -> str:
                              f"{r['kl']:.3f}, {r['diff']['mean']:+.3f} [{r['diff']['lo']:+.3f}, {r['diff']['hi']:+.3f}] "
                              f"{'**' + r['verdict'] + '**' if r['verdict'] != 'win' else r['verdict']}")
             r = got.get(RECOVERED)
-            cells.append("–" if r is None else f"{r['kl']:.3f} ({-r['diff']['mean']:+.3f} "
-                                               f"[{-r['diff']['hi']:+.3f}, {-r['diff']['lo']:+.3f}])")
+            cells.append("–" if r is None else f"{r['kl']:.3f} ({r['diff']['mean']:+.3f} "
+                                               f"[{r['diff']['lo']:+.3f}, {r['diff']['hi']:+.3f}])")
             lines.append(f"| {persona} | " + " | ".join(cells) + " |")
         counts = []
         for method in baselines:
