@@ -150,7 +150,7 @@ def cmd_chat(args) -> int:
     import torch
 
     from .bank import MaskBank
-    from .hf.attach import attach_bank
+    from .hf import attach_bank
     from .prompting import persona_system_prompt
 
     if args.repetition_penalty <= 0:

@@ -49,7 +49,7 @@ def channel_activation_stats(model: nn.Module, tokenizer, texts: Sequence[str], 
     padding). With ``answer_tokens > 0`` the model first answers each text greedily and the
     statistics cover the text plus its answer.
     """
-    from .hf.attach import MaskedMLP, is_attached, persona
+    from .hf import MaskedMLP, is_attached, persona
     from .hf.ffn import find_ffn_layers, model_ffn_shape
 
     layers = find_ffn_layers(model)

@@ -74,7 +74,7 @@ class PrunerConfig:
         """The directory for cached data, statistics and checkpoints."""
         if self.cache_dir:
             return Path(self.cache_dir)
-        from persona_kernels.hf.default_model import cache_root
+        from persona_kernels.hf.gguf_cache import cache_root
 
         return cache_root() / "pruner"
 

@@ -74,7 +74,7 @@ class FidelityEval:
 
     def measure_attached(self, bank, persona: str) -> dict[str, float]:
         """Fidelity of ``persona`` from ``bank`` run through :func:`persona_kernels.hf.attach_bank` (the users' path)."""
-        from persona_kernels.hf.attach import attach_bank, detach_bank, persona as use_persona
+        from persona_kernels.hf import attach_bank, detach_bank, persona as use_persona
 
         attach_bank(self.model, bank)
         try:

@@ -48,7 +48,7 @@ def expand_groups(mask: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _check_unattached(model: nn.Module) -> None:
-    from persona_kernels.hf.attach import is_attached
+    from persona_kernels.hf import is_attached
 
     if is_attached(model):
         raise ValueError("the pruner's hooks need plain MLPs; detach the mask bank first (persona_kernels.hf.detach_bank)")

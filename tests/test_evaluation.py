@@ -360,7 +360,8 @@ def test_evaluate_then_rescore(tiny, tmp_path):
 
 def test_hf_judge_scores_from_number_tokens(tiny):
     model, tokenizer, _ = tiny
-    from persona_kernels.hf.attach import attachment, detach_bank
+    from persona_kernels.hf import detach_bank
+    from persona_kernels.hf.attachment import attachment
 
     if attachment(model) is not None:
         detach_bank(model)

@@ -31,7 +31,9 @@ from persona_kernels.hf import (
     set_backend,
     set_persona,
 )
-from persona_kernels.hf.attach import PersonaState, _forward_pre_hook, attachment
+from persona_kernels.hf.attachment import attachment
+from persona_kernels.hf.persona_keyword import forward_pre_hook
+from persona_kernels.hf.persona_state import PersonaState
 from persona_kernels.reference import masked_ffn_reference
 from persona_kernels.step_meta import StepMeta
 from pruner.chat import returned_cache, with_cache
@@ -498,7 +500,7 @@ def test_switch_then_replay_reads_new_ids(backend: str, monkeypatch: pytest.Monk
             state.meta.token_ids.fill_(1)
             state.meta.union_count.zero_()
         before = prepares.calls
-        _forward_pre_hook(model, (), {"input_ids": ids})  # the captured hook's device work
+        forward_pre_hook(model, (), {"input_ids": ids})  # the captured hook's device work
         with torch.no_grad():
             outs = [mlp(x) for mlp in mlps]  # the captured MLP kernels
         assert prepares.calls == before + 1
@@ -666,7 +668,7 @@ def test_default_model_generates_text(default_model_setup) -> None:
 def test_attach_failing_midway_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure packing a later layer (out of memory, say) swaps the converted layers back: the
     model runs as before, is not marked attached, and a bank can be attached again."""
-    import persona_kernels.hf.attach as attach_module
+    import persona_kernels.hf.attach as attach_module  # attach_bank packs each layer through its pack_ffn
 
     model = tiny_llama()
     ids = tokens()
@@ -730,7 +732,7 @@ def test_persona_specs_accepted_and_refused() -> None:
     bytes or a nested list is refused by name instead of being read as something else."""
     import numpy as np
 
-    from persona_kernels.hf.attach import resolve_persona_ids
+    from persona_kernels.hf import resolve_persona_ids
 
     bank = random_bank(tiny_llama())
     for spec, ids in (("p1", [1]), (None, [0]), (2, [2]), ([1, "p2", None], [1, 2, 0]), (torch.tensor([1, 2]), [1, 2]),

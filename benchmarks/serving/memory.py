@@ -83,7 +83,7 @@ def pruned_copy_bytes(shape: ModelShape, density: float, dtype_bytes: int = 2) -
 def bench_memory(shape: ModelShape, personas: list[int], device: torch.device, density: float, group_size: int,
                  log: JsonlWriter, disk: bool = True, step_meta_tokens: tuple[int, int] = (64, 4096)) -> list[dict]:
     """Every line of the module docstring, for each persona count."""
-    from persona_kernels.hf.attach import PersonaState
+    from persona_kernels.hf import PersonaState
     from persona_kernels.step_meta import StepMeta
 
     rows = []

@@ -98,7 +98,7 @@ def _param_state(model) -> tuple[int, int]:
 def bench_switch_host(model, batch: int, device: torch.device, n: int, log: JsonlWriter) -> list[dict]:
     """Host time of persona switches on an attached model; proves no weight byte moves."""
     from persona_kernels.hf import set_persona
-    from persona_kernels.hf.attach import attachment
+    from persona_kernels.hf.attachment import attachment
 
     state = attachment(model).state
     sync = device_sync(device)
@@ -261,7 +261,7 @@ def graph_switch_check(model, batch: int, prompt_len: int, device: torch.device,
     """Capture one decode step of the attached model at a fixed position; replay it after persona switches
     and compare with the eager ``reference``-backend step (the oracle). CPU: eager steps only."""
     from persona_kernels.hf import set_backend, set_persona
-    from persona_kernels.hf.attach import attachment
+    from persona_kernels.hf.attachment import attachment
 
     info = attachment(model)
     default_backend = info.backend

@@ -1,19 +1,11 @@
 """Hugging Face integration: find gated FFNs, attach a mask bank to a model, export a pruned copy, load the default model."""
 
-from .attach import (
-    MaskedMLP,
-    PersonaState,
-    attach_bank,
-    attached_bank,
-    current_persona,
-    detach_bank,
-    generate_as,
-    is_attached,
-    persona,
-    resolve_persona_ids,
-    set_backend,
-    set_persona,
-)
+from .attach import attach_bank, detach_bank, set_backend
+from .attachment import attached_bank, is_attached
+from .masked_mlp import MaskedMLP
+from .persona_keyword import generate_as
+from .persona_state import PersonaState
+from .personas import current_persona, persona, resolve_persona_ids, set_persona
 from .default_model import DEFAULT_MODEL_NAME, load_default_model, load_model
 from .export import export_pruned
 from .ffn import (

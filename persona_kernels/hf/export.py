@@ -20,6 +20,10 @@ from torch import nn
 from ..bank import DENSE_PERSONA_ID, MaskBank
 from ..fingerprint import ffn_fingerprint, ffn_weight_sample
 from ..masks import channel_keep
+from .attachment import attachment
+from .ffn import ffn_weights, find_ffn_layers, model_ffn_shape, model_name
+from .masked_mlp import MaskedMLP
+from .personas import resolve_persona_ids
 
 EXPORT_INFO_FILE = "persona_export.json"
 
@@ -76,8 +80,6 @@ def export_pruned(model: nn.Module, bank: MaskBank, persona, out_dir: str | Path
     """
     from safetensors.torch import save_file
 
-    from .attach import MaskedMLP, attachment, resolve_persona_ids
-    from .ffn import ffn_weights, find_ffn_layers, model_ffn_shape, model_name
 
     _check_replaceable(Path(out_dir))
 

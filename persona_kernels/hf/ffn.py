@@ -4,7 +4,7 @@ Supported: any model whose decoder layers hold an ``mlp`` with ``gate_proj``, ``
 ``down_proj`` ``nn.Linear`` modules without bias and an ``act_fn`` that is SiLU or tanh-GELU:
 Llama (and SmolLM), Qwen2, Mistral, Gemma3 (text-only, and the language model of the multimodal
 one), and their relatives. Everything else raises ``ValueError`` saying what is missing. Works on
-plain models and on models with a bank attached (:mod:`persona_kernels.hf.attach`), in which case
+plain models and on models with a bank attached (:func:`~persona_kernels.hf.attach_bank`), in which case
 weights are unpacked to the original order.
 """
 
@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from ..fingerprint import ffn_fingerprint, ffn_weight_sample
+from .attachment import attachment
+from .masked_mlp import MaskedMLP
 
 # Activation names as Hugging Face configs spell them -> the op's names.
 _CONFIG_ACTIVATIONS = {
@@ -48,7 +50,7 @@ class FFNLayer:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ``nn.ModuleList`` of decoder layers: the first whose entries all hold a gated ``mlp``
-    (``gate_proj``, or a :class:`~persona_kernels.hf.attach.MaskedMLP`), else the first whose
+    (``gate_proj``, or a :class:`~persona_kernels.hf.masked_mlp.MaskedMLP`), else the first whose
     entries all hold an ``mlp`` (so a multimodal model's vision encoder, whose MLPs are not gated,
     is passed over for its language model)."""
     lists = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
@@ -104,8 +106,6 @@ def _check_gated(mlp: nn.Module, index: int) -> None:
 
 def find_ffn_layers(model: nn.Module) -> list[FFNLayer]:
     """Every decoder layer's gated MLP, in order; ``ValueError`` if the model has none or an unsupported one."""
-    from .attach import MaskedMLP
-
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
     result = []
@@ -132,8 +132,6 @@ def ffn_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torc
 
     Plain models return the Linear weights themselves (no copy); attached models return unpacked copies.
     """
-    from .attach import MaskedMLP
-
     weights = []
     for layer in find_ffn_layers(model):
         mlp = layer.mlp
@@ -146,8 +144,6 @@ def ffn_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torc
 
 def model_ffn_shape(model: nn.Module) -> tuple[int, int, int]:
     """``(n_layers, d_ff, d_model)``; ``ValueError`` if layers disagree on ``d_ff``."""
-    from .attach import MaskedMLP
-
     shapes = set()
     layers = find_ffn_layers(model)
     for layer in layers:
@@ -164,8 +160,6 @@ def model_ffn_shape(model: nn.Module) -> tuple[int, int, int]:
 
 def model_weight_sample(model: nn.Module) -> tuple[torch.Tensor, str]:
     """The precision-tolerant weight sample (:func:`persona_kernels.fingerprint.ffn_weight_sample`)."""
-    from .attach import attachment
-
     info = attachment(model)
     if info is not None:
         return info.weight_sample
@@ -174,8 +168,6 @@ def model_weight_sample(model: nn.Module) -> tuple[torch.Tensor, str]:
 
 def model_fingerprint(model: nn.Module) -> str:
     """The FFN fingerprint of the model's weights (:func:`persona_kernels.fingerprint.ffn_fingerprint`)."""
-    from .attach import attachment
-
     info = attachment(model)
     if info is not None:
         return info.fingerprint

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .gguf_cache import COMPLETE_MARKER, cache_root, convert_gguf
+
 _CHUNK = 1 << 22
-_COMPLETE_MARKER = "persona_kernels_cache_complete"
 
 
 class GGUFPartsError(RuntimeError):
@@ -172,10 +173,9 @@ def join_parts(spec: GGUFSplitModel, target: Path, progress: bool = True) -> Pat
 
 def gguf_model_dir(spec: GGUFSplitModel, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
     """The cached safetensors copy of ``spec``, joining and converting the GGUF parts on first use."""
-    from .default_model import cache_root, convert_gguf
 
     target = cache_root(cache_dir) / spec.cache_subdir
-    if (target / _COMPLETE_MARKER).is_file():
+    if (target / COMPLETE_MARKER).is_file():
         return target
     if target.exists():  # an incomplete cache: rebuild it
         shutil.rmtree(target, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The hook between evaluation and the model: attach the bank, choose a persona per batch row.
 
 :func:`attach_for_eval` attaches a :class:`~persona_kernels.bank.MaskBank` to a model in place
-(:func:`persona_kernels.hf.attach.attach_bank`; MLPs then run through the masked kernels) and
+(:func:`persona_kernels.hf.attach_bank`; MLPs then run through the masked kernels) and
 returns a selector, ``select(ids[B]) -> context manager``, that runs a batch with one persona id
 per row (0 = dense). The fidelity measure is picked here too (:func:`fidelity_fn`).
 """
@@ -14,7 +14,8 @@ from contextlib import AbstractContextManager
 import torch
 
 from persona_kernels.bank import MaskBank
-from persona_kernels.hf.attach import attach_bank, attachment, detach_bank, persona
+from persona_kernels.hf import attach_bank, detach_bank, persona
+from persona_kernels.hf.attachment import attachment
 
 Selector = Callable[[torch.Tensor], AbstractContextManager]
 
