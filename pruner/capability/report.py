@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from .runner import DENSE, PERSONA, RECOVERY, SHARED, read_lines
+from .store import DENSE, PERSONA, RECOVERY, SHARED, read_lines
 from .stats import bootstrap_mean, paired_drop
 from .suites import get_suite
 

@@ -41,10 +41,9 @@ from pruner.evaluation.selection import attach_for_eval
 from .items import GenItem, MCItem, subset
 from .mc import encode_item, loglikelihoods, score_mc
 from .persona_check import persona_pmi
+from .store import DENSE, PERSONA, RECOVERY, SHARED, append_lines, item_path, read_lines
 from .suites import SUITES, Suite, get_suite
 
-DENSE, PERSONA, RECOVERY = "dense", "persona", "persona+recovery"
-SHARED = "_shared"
 RECOVERY_FIELDS = ("scales", "input_gains", "output_bias")
 
 
@@ -128,32 +127,6 @@ def _key(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def item_path(out_dir: Path, suite: str, persona: str, method: str) -> Path:
-    """Where one (suite, persona, method)'s item lines live."""
-    return out_dir / "items" / suite / persona / f"{method}.jsonl"
-
-
-def read_lines(path: Path) -> dict[str, dict]:
-    """Saved item lines by item id (a torn last line from an interrupted write is skipped)."""
-    rows: dict[str, dict] = {}
-    if path.is_file():
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                rows[row["id"]] = row
-    return rows
-
-
-def _append(path: Path, rows: Sequence[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 @dataclass
 class _Job:
     suite: Suite
@@ -232,7 +205,7 @@ def run_mc(model, tokenizer, select, jobs: Sequence[_Job], out_dir: Path, batch:
                        "lls": ll, "n_tokens": n_tokens, "gold": job.item.gold, **score_mc(job.item, ll, n_tokens)}
                 by_path.setdefault(item_path(out_dir, job.suite.name, job.persona, job.method), []).append(row)
             for path, rows in by_path.items():
-                _append(path, rows)
+                append_lines(path, rows)
             bar.update(len(chunk))
 
 
@@ -261,7 +234,7 @@ def run_gen(model, tokenizer, select, jobs: Sequence[_Job], out_dir: Path, batch
                     row.update(persona_pmi=pmi, in_persona=None if pmi is None else float(pmi > 0))
                 by_path.setdefault(item_path(out_dir, suite.name, job.persona, job.method), []).append(row)
             for path, rows in by_path.items():
-                _append(path, rows)
+                append_lines(path, rows)
             bar.update(len(chunk))
 
 
