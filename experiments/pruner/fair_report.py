@@ -12,7 +12,7 @@ Verdicts:
 
 The mask with its recovery tables (``persona``) gets its own column, compared with the mask alone.
 
-Writes ``fair.md`` and ``fair.json`` beside the results (or to ``--out``). Used for docs/PRUNER.md
+Writes ``fair.md``, ``fair.json`` and ``fair.png`` beside the results (or to ``--out``). Used for docs/PRUNER.md
 ("The persona mask alone against every baseline"):
 
     python experiments/pruner/rescore.py --banks docs/eval/pruner/pruner-s0.25.safetensors,docs/eval/pruner/pruner-s0.50.safetensors \
@@ -76,6 +76,13 @@ def markdown(records: list[dict]) -> str:
             cells.append("–" if r is None else f"{r['kl']:.3f} ({r['diff']['mean']:+.3f} "
                                                f"[{r['diff']['lo']:+.3f}, {r['diff']['hi']:+.3f}])")
             lines.append(f"| {persona} | " + " | ".join(cells) + " |")
+        personas = sorted({r["persona"] for r in rows})
+        mask_mean = sum(next(r["mask_kl"] for r in rows if r["persona"] == p) for p in personas) / len(personas)
+        means = [f"{mask_mean:.3f}"]
+        for method in baselines + [RECOVERED]:
+            kls = [r["kl"] for r in rows if r["method"] == method]
+            means.append(f"{sum(kls) / len(kls):.3f} ({len(kls)})" if kls else "–")
+        lines.append("| **mean** (personas) | " + " | ".join(means) + " |")
         counts = []
         for method in baselines:
             verdicts = [r["verdict"] for r in rows if r["method"] == method]
@@ -83,6 +90,50 @@ def markdown(records: list[dict]) -> str:
                           f"{verdicts.count('loss')} losses")
         lines.append("\nThe mask alone against each baseline, over personas: " + "; ".join(counts) + ".")
     return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> Path | None:
+    """One panel per sparsity: each persona's paired difference (baseline KL - mask KL) with its
+    interval, grouped by baseline; above the zero line the mask alone wins. ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sparsities = sorted({r["sparsity"] for r in records})
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(6.5 * len(sparsities), 4.2), squeeze=False)
+    colors = {"win": "tab:green", "tie": "tab:orange", "loss": "tab:red"}
+    for ax, sparsity in zip(axes[0], sparsities):
+        rows = [r for r in records if r["sparsity"] == sparsity and r["method"] != RECOVERED]
+        baselines = sorted({r["method"] for r in rows})
+        personas = sorted({r["persona"] for r in rows})
+        width = 0.8 / max(len(personas), 1)
+        for b, method in enumerate(baselines):
+            for k, persona in enumerate(personas):
+                r = next((r for r in rows if r["method"] == method and r["persona"] == persona), None)
+                if r is None:
+                    continue
+                x = b - 0.4 + (k + 0.5) * width
+                d = r["diff"]
+                ax.errorbar([x], [d["mean"]], yerr=[[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]], fmt="o", ms=3,
+                            color=colors[r["verdict"]], capsize=1.5, lw=1)
+        ax.axhline(0, color="black", lw=0.8)
+        his = [r["diff"]["hi"] for r in rows] + [0.2]
+        los = [r["diff"]["lo"] for r in rows] + [-0.2]
+        ax.set_ylim(min(los) * 1.5, max(his) * 1.5)
+        ax.set_xticks(range(len(baselines)), baselines)
+        ax.set_yscale("symlog", linthresh=0.2)
+        ax.set_title(f"sparsity {sparsity}: {len(personas)} personas, {rows[0]['n_questions']} questions each")
+        ax.set_ylabel("baseline KL - mask-alone KL (nats/token)")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in colors.items()]
+    axes[0][0].legend(handles=handles, loc="lower right", fontsize=8)
+    fig.suptitle("Persona mask alone vs each baseline, per persona (95% paired bootstrap over questions)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -104,6 +155,7 @@ def main() -> None:
     (out / "fair.json").write_text(json.dumps(records, indent=1) + "\n")
     text = markdown(records)
     (out / "fair.md").write_text(text)
+    plot(records, out / "fair.png")
     print(text)
 
 
